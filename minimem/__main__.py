@@ -1,0 +1,3 @@
+from minimem.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""``minimem <command> ...``: each command lives in its own module and parses its own arguments."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "doctor": ("minimem.doctor", "check python, torch, triton, numpy and the Triton interpreter"),
+    "train": ("minimem.train", "train a model from a YAML config"),
+    "bench": ("minimem.bench", "benchmarks: lookup, retrieval, training, accounting"),
+    "experiment": ("minimem.experiments", "run a named experiment and write its results"),
+    "grade": ("minimem.grading", "grade the exercises"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: minimem <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"minimem: unknown command {name!r}; choose one of {', '.join(COMMANDS)}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""A small GPT, written to be read top to bottom.
+
+Pre-norm transformer blocks (RMSNorm), causal self-attention through
+``scaled_dot_product_attention`` with rotary positions, and a feed-forward *slot* that
+the config fills: a dense SwiGLU FFN, a mixture of experts, or a memory layer
+(PKM and PEER replace the FFN in the blocks they live in; UltraMemV2 sits beside the FFN
+and reads its normalised input; UltraMem reads the residual stream at block i and adds
+its output after block j > i, the skip-layer placement of [UM] §3).
+
+Modules that produce an auxiliary loss (the MoE load-balance loss, for instance) set
+``self.aux_loss`` in their forward; modules that need work after each optimiser step
+(UltraMem's SVD of the Tucker core) define ``after_optimizer_step()``; parameters that
+belong to memory value tables carry ``param.is_memory_value = True`` so the trainer can
+give them their own learning rate. Memory modules that initialise their own weights
+define ``reset_memory_parameters()``, called after the generic GPT-2 initialisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimem.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021): rotate channel pairs by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, head_dim/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, heads, T, head_dim)
+        T = x.shape[-2]
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.proj.is_residual_projection = True
+        self.rotary = Rotary(self.head_dim, config.block_size, config.rope_base)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: W2 (silu(W1 x) * W3 x) (Shazeer 2020). W1 and W3 are one matrix."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w2.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+def build_ffn(config: ModelConfig, layer: int) -> nn.Module:
+    """What fills block ``layer``'s feed-forward slot."""
+    from minimem import memory
+
+    replacing = memory.build_ffn_replacement(config, layer)  # PKM / PEER in their layers
+    if replacing is not None:
+        return replacing
+    if config.ffn == "moe":
+        from minimem.moe import MoE
+
+        return MoE(config.n_embd, config.moe, config.n_layer)
+    return SwiGLU(config.n_embd, config.ffn_hidden)
+
+
+class Block(nn.Module):
+    """x += attn(norm(x)); h = norm(x); x += ffn(h) [+ memory(h)]."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        from minimem import memory
+
+        self.norm1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = RMSNorm(config.n_embd)
+        self.ffn = build_ffn(config, layer)
+        self.memory = memory.build_beside_ffn(config, layer)  # UltraMemV2, or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        out = self.ffn(h)
+        if self.memory is not None:
+            out = out + self.memory(h)
+        return x + out
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from minimem import memory
+
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        # Skip-layer memories [UM]: (i, j, module) reads the residual before block i,
+        # adds after block j.
+        self.skip_pairs, skip_modules = memory.build_skip_layers(config)
+        self.skip_memories = nn.ModuleList(skip_modules)
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+        self.last_ce_loss: Optional[torch.Tensor] = None
+        self.last_aux_loss: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------- initialisation
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L))."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                s = std / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_projection", False) else std
+                nn.init.normal_(module.weight, 0.0, s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_memory_parameters"):
+                module.reset_memory_parameters()
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """Return ``(logits, loss)``. ``targets`` equal to -1 are ignored (answer-only masks).
+
+        ``loss`` is the cross-entropy plus every auxiliary loss; the two parts are kept in
+        ``self.last_ce_loss`` and ``self.last_aux_loss``.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
+        x = self.drop(self.tok_emb(idx))
+        pending: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            for (src, dst), mem in zip(self.skip_pairs, self.skip_memories):
+                if src == i:
+                    out = mem(x)
+                    pending[dst] = pending[dst] + out if dst in pending else out
+            x = block(x)
+            if i in pending:
+                x = x + pending.pop(i)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            aux = self.aux_loss()
+            self.last_ce_loss, self.last_aux_loss = ce.detach(), aux.detach()
+            loss = ce + aux
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the auxiliary losses that modules stored in their last forward."""
+        total = torch.zeros((), device=self.tok_emb.weight.device)
+        for module in self.modules():
+            value = getattr(module, "aux_loss", None)
+            if isinstance(value, torch.Tensor):
+                total = total + value
+        return total
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer once per optimiser step (UltraMem refreshes its SVD here)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None):
+        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, T)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        return idx
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
