@@ -1,0 +1,26 @@
+"""``minimem bench <name>``: benchmark scripts that print tables and ratios (never timed tests)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "lookup": "minimem.bench.lookup",  # fused memory lookup: Triton vs eager vs torch.compile
+    "retrieval": "minimem.bench.retrieval",  # product-key top-m vs brute force
+    "train": "minimem.bench.train",  # training / inference tokens/s, the reference run
+    "accounting": "minimem.bench.accounting",  # params, FLOPs, bytes per token for every config
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: minimem bench {" + ",".join(BENCHES) + ",all} [options]")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "all":
+        return max(int(importlib.import_module(mod).main(rest) or 0) for mod in BENCHES.values())
+    if name not in BENCHES:
+        print(f"minimem bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHES)}, all", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHES[name]).main(rest) or 0)
