@@ -11,8 +11,8 @@ slices of the value row) and, with c = 1 and no pre-values, [PKM]'s weighted sum
 top-m value rows (an ``nn.EmbeddingBag`` with per-sample weights).
 
 Eager implementation: gather the m rows of every token (``index_select``, whose backward is
-``index_add_``, so repeated indices accumulate), compute the optional pre-value gate with one
-batched matmul, and the per-core weighted sum with another (``einsum`` over the m axis).
+``index_add_``, so repeated indices accumulate), compute the optional pre-value gate and the per-core weighted sum as elementwise products
+summed over the feature and the m axes.
 It materialises the (T, m, D_v) and (T, m, D_p) gathered rows, which is what the fused
 Triton kernel avoids. No input checking here: ``minimem.kernels.memory_lookup`` does it.
 """
@@ -49,7 +49,9 @@ def memory_lookup_torch(
     weights = scores.to(dtype)  # (T, m, c)
     if pre_values is not None:
         pre_rows = pre_values.index_select(0, flat).to(dtype).view(T, m, pre_values.shape[1])
-        gate = torch.bmm(pre_rows, pre_input.to(dtype).unsqueeze(-1))  # (T, m, 1): g[t, i]
+        gate = (pre_rows * pre_input.to(dtype).unsqueeze(1)).sum(-1, keepdim=True)  # (T, m, 1): g[t, i]
         weights = weights * gate
-    out = torch.einsum("tik,tikd->tkd", weights, rows)  # sum over the m selected slots, per core
+    # Sum over the m selected slots, per core. Elementwise product + sum rather than a batched
+    # 1 x m matmul: on CPU its backward is ~3x faster (measured at the course's shapes).
+    out = (rows * weights.unsqueeze(-1)).sum(1)  # (T, c, D_v / c)
     return out.reshape(T, d_value)

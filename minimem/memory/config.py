@@ -27,7 +27,7 @@ class MemoryConfig:
     d_value: int = 0  # D_v value width; 0 -> h (pkm, peer-free kinds)
     d_pre: int = 0  # D_p pre-value width (ultramemv2); 0 -> d_value / 3 (the 1:3 split)
     query_norm: str = "layernorm"  # pkm/peer: "layernorm", "batchnorm" ([PKM]) or "none"
-    softmax: bool = True  # pkm/peer: softmax over the m scores; ultramem(v2) default is no softmax
+    softmax: bool = True  # softmax over the m scores: [PKM]/[PEER] use it; [UM] removed it (set false, as the ultramem configs do)
     rank: int = 2  # r, Tucker rank of TDQKR (ultramem, ultramemv2)
     cores: int = 2  # c, multi-core scoring cores (ultramem, ultramemv2)
     expansion: int = 4  # E, implicit value expansion (ultramem)

@@ -1,0 +1,229 @@
+"""UltraMemV2 [UM2]: forward vs a loop reference, gradcheck, ring sharing, MCP, errors, training."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minimem.config import config_from_dict, load_config
+from minimem.memory.ultramemv2 import UltraMemV2, ffn_flops_per_token, mcp_percent, memory_flops_per_token
+from minimem.model import GPT
+from test_ultramem import loop_tucker, train_and_check  # the TDQKR loop reference is shared with UltraMem
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many small ops: one thread avoids oversubscribing the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(n_layer=2, **memory):
+    mem = dict(kind="ultramemv2", n_slots=16, topk=3, d_key=8, d_value=8, d_pre=4, cores=2, rank=2, heads=2,
+               softmax=False)
+    mem.update(memory)
+    return config_from_dict({"model": {"n_layer": n_layer, "n_embd": 16, "n_head": 2, "block_size": 8,
+                                       "ffn_hidden": 24, "memory": mem}}).model
+
+
+ACT = {"none": lambda g: g, "gelu": torch.nn.functional.gelu, "relu": torch.relu}
+
+
+def loop_ultramemv2(layer, x):
+    """o = W^T sum_i s_i act(<P_i, W_p x>) V_i per core slice, token by token; rows on the ring window."""
+    B, T, h = x.shape
+    c, Dv = layer.n_cores, layer.d_value
+    width = Dv // c
+    act = ACT[layer.activation]
+    out = torch.zeros(B, T, h, dtype=x.dtype)
+    rows_read = []
+    for b in range(B):
+        for t in range(T):
+            px = layer.pre_proj.weight @ x[b, t]
+            read = torch.zeros(Dv, dtype=x.dtype)
+            token_rows = []
+            for scores, slot in loop_tucker(layer.retrieval, x[b, t].tolist()):
+                row = (int(layer.shuffle[slot]) + layer.offset) % layer.table_rows
+                token_rows.append(row)
+                gate = act(torch.dot(layer.pre_values[row], px))
+                for k in range(c):
+                    read[k * width:(k + 1) * width] += scores[k] * gate * layer.values[row, k * width:(k + 1) * width]
+            out[b, t] = layer.out_proj.weight @ read
+            rows_read.append(sorted(token_rows))
+    return out, rows_read
+
+
+@pytest.mark.parametrize("activation,heads", [("none", 2), ("gelu", 1)])
+def test_forward_matches_loop_reference(activation, heads):
+    torch.manual_seed(0)
+    layer = UltraMemV2(tiny_config(activation=activation, heads=heads), 1).double()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    ref, rows = loop_ultramemv2(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    assert [sorted(r) for r in layer.last_indices.view(-1, heads * 3).tolist()] == rows
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(1)
+    for activation in ("none", "relu"):
+        layer = UltraMemV2(tiny_config(activation=activation), 0).double()
+        names = [n for n, _ in layer.named_parameters()]
+        assert {"value_table.values", "value_table.pre_values", "pre_proj.weight", "out_proj.weight",
+                "retrieval.cores", "retrieval.keys", "retrieval.query.weight"} <= set(names)
+        params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+        x = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
+
+        def f(x, *ps):
+            return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_value_parameters_are_marked_and_refreshed_by_the_trainer_hook():
+    model = GPT(tiny_config())
+    marked = {n for n, p in model.named_parameters() if getattr(p, "is_memory_value", False)}
+    assert marked == {f"blocks.{i}.memory.value_table.{t}" for i in range(2) for t in ("values", "pre_values")}
+    mem = model.blocks[1].memory
+    with torch.no_grad():
+        mem.retrieval.cores.copy_(torch.randn_like(mem.retrieval.cores))
+    stale = mem.retrieval.u.clone()
+    mem(torch.randn(1, 2, 16))
+    assert torch.equal(mem.retrieval.u, stale)  # the forward does not refresh
+    model.after_optimizer_step()
+    for head in range(2):
+        U, _, _ = torch.linalg.svd(mem.retrieval.cores[head].sum(0).detach())
+        torch.testing.assert_close(mem.retrieval.u[head].abs(), U[:, 0].abs())
+
+
+def test_usage_counts():
+    layer = UltraMemV2(tiny_config(), 0)
+    layer(torch.randn(3, 4, 16))
+    assert torch.equal(layer.usage_counts, torch.bincount(layer.last_indices.flatten(), minlength=16))
+    assert int(layer.usage_counts.sum()) == 3 * 4 * 2 * 3
+    layer.reset_usage()
+    assert int(layer.usage_counts.sum()) == 0
+
+
+# --------------------------------------------------------------------------- ring sharing
+
+
+def test_ring_sharing_shares_one_parameter():
+    model = GPT(tiny_config(n_layer=5, ring_group=4))  # groups [0, 1, 2, 3] (table 64 rows) and [4] (16 rows)
+    mems = [block.memory for block in model.blocks]
+    for k, mem in enumerate(mems[:4]):
+        assert mem.values is mems[0].values and mem.pre_values is mems[0].pre_values
+        assert mem.values.data_ptr() == mems[0].values.data_ptr()
+        assert mem.table_rows == 64 and mem.offset == 16 * k and mem.retrieval.n_keys == 8
+    assert mems[4].values is not mems[0].values and mems[4].table_rows == 16 and mems[4].offset == 0
+    # counted once by parameters(), the optimiser and the state_dict
+    names = [n for n, p in model.named_parameters() if p is mems[0].values]
+    assert names == ["blocks.0.memory.value_table.values"]
+    assert sum(1 for k in model.state_dict() if k.endswith("value_table.values")) == 2
+    tables = sum(p.numel() for n, p in model.named_parameters() if "value_table" in n)
+    assert tables == 5 * 16 * (8 + 4)  # the same value budget (N rows per layer) as unshared tables
+    # an update through layer 2's output reaches the table layer 0 reads
+    mems[2](torch.randn(1, 3, 16)).sum().backward()
+    assert mems[0].values.grad is not None and mems[0].values.grad.abs().sum() > 0
+    # a second model from the same config gets its own tables
+    again = GPT(model.config)
+    assert again.blocks[1].memory.values is again.blocks[0].memory.values
+    assert again.blocks[0].memory.values is not mems[0].values
+
+
+def test_ring_window_starts_at_the_layer_offset_and_wraps():
+    torch.manual_seed(2)
+    model = GPT(tiny_config(n_layer=4, ring_group=4, heads=1)).double()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    for mem in (model.blocks[k].memory for k in range(4)):
+        with torch.no_grad():
+            out = mem(x)
+        ref, rows = loop_ultramemv2(mem, x)  # row = (shuffle[slot] + k N) mod G N
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+        assert [sorted(r) for r in mem.last_indices.view(-1, 3).tolist()] == rows
+    # the layers' windows are rotations of the ring: same slot, rows k N apart (shuffle aside)
+    shuffles = [model.blocks[k].memory.shuffle for k in range(4)]
+    assert all(torch.equal(torch.sort(s).values, torch.arange(64)) for s in shuffles)
+    assert not torch.equal(shuffles[0], shuffles[1])
+
+
+def test_ring_group_needs_a_square_table():
+    with pytest.raises(ValueError, match="model.memory.ring_group x model.memory.n_slots .* must be a perfect square, got 32"):
+        GPT(tiny_config(n_layer=2, ring_group=2))
+
+
+# --------------------------------------------------------------------------- widths, compute, errors
+
+
+def test_default_widths_follow_the_paper():
+    cfg = config_from_dict({"model": {"memory": {"kind": "ultramemv2", "n_slots": 1024}}}).model
+    layer = UltraMemV2(cfg, 0)
+    assert layer.d_key == 64 and layer.retrieval.half == 32  # D_k = h/2, split in two halves
+    assert layer.d_value == 128 and layer.d_pre == 42  # D_v = h, D_p = D_v / 3
+
+
+def test_flops_match_a_flop_counter_and_mcp():
+    cfg = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml").model
+    model = GPT(cfg)
+    x = torch.randn(2, 32, cfg.n_embd)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.blocks[0].memory(x)
+    memory = sum(memory_flops_per_token(cfg, 0).values())
+    assert memory == pytest.approx(counter.get_total_flops() / 64, rel=0.05)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.blocks[0].ffn(x)
+    ffn = ffn_flops_per_token(cfg)
+    assert ffn == counter.get_total_flops() / 64
+    assert mcp_percent(cfg) == pytest.approx(100 * memory / (memory + ffn))
+    wider = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml", ["model.memory.d_key=128"]).model
+    assert mcp_percent(wider) > mcp_percent(cfg)
+    with pytest.raises(ValueError, match="model.memory.kind='ultramemv2'"):
+        mcp_percent(config_from_dict({}).model)
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match="d_value=12 must be divisible by model.memory.cores=5"):
+        tiny_config(d_value=12, cores=5)
+    with pytest.raises(ValueError, match=r"model.memory.topk \(m\) must be in \[1, n=4\]"):
+        tiny_config(topk=5)
+    with pytest.raises(ValueError, match="model.memory.activation must be one of"):
+        tiny_config(activation="tanh")
+    with pytest.raises(ValueError, match="model.memory.value_init must be one of"):
+        tiny_config(value_init="xavier")
+    with pytest.raises(ValueError, match="layer 1 is not a memory layer"):
+        UltraMemV2(tiny_config(layers=[0]), 1)
+
+
+# --------------------------------------------------------------------------- config and training
+
+
+def activated_parameters(model):
+    """All parameters, minus the tables, plus the m (D_v + D_p) entries a token reads per head and layer."""
+    total = model.num_parameters()
+    tables = {id(b.memory.table): b.memory.table for b in model.blocks}
+    total -= sum(p.numel() for t in tables.values() for p in t.parameters())
+    for block in model.blocks:
+        mem = block.memory
+        total += mem.heads * mem.topk * (mem.d_value + mem.d_pre)
+    return total
+
+
+def test_config_matches_dense_activated_parameters():
+    cfg = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml")
+    dense = GPT(config_from_dict({}).model)
+    model = GPT(cfg.model)
+    assert cfg.model.memory.kind == "ultramemv2" and not cfg.model.memory.softmax
+    assert abs(activated_parameters(model) - dense.num_parameters()) / dense.num_parameters() < 0.002
+    assert model.num_parameters() > 1.2 * dense.num_parameters()
+
+
+def test_trains_on_shakespeare():
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml")
+    train_and_check(GPT(cfg.model))
