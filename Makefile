@@ -21,28 +21,39 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 # Debian's chromium for the real-browser tests (Playwright cannot download browsers here).
+# As root (CI) it is installed with apt-get when missing; otherwise the browser tests skip,
+# except under CI=true where they fail.
 chromium:
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    echo "installing chromium with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      && /usr/bin/chromium --version; \
 	  else \
 	    echo "chromium missing: run 'sudo apt-get install chromium' (browser tests will be skipped)"; \
 	  fi; \
 	fi
 
 # ---------------------------------------------------------------- the book
+# Jupyter Book 1.x, offline, Sphinx warnings as errors; the chapters are notebooks/*.ipynb.
 book-build: venv
 	$(PY) -m minimem.bookbuild
 
 book: book-build
 	@$(PY) -m minimem.bookbuild --open
 
+# JupyterLab on the repository, chapter 0 open (--allow-root only when run as root).
 lab: venv
-	.venv/bin/jupyter lab notebooks
+	$(PY) -m jupyterlab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # ---------------------------------------------------------------- tests
+# nbval re-runs every chapter notebook top to bottom; cells marked # NBVAL_CHECK_OUTPUT must
+# reproduce their saved output (after notebooks/nbval_sanitize.cfg).
+NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
+
 test: venv chromium book-build
-	$(PY) -m pytest -q tests exercises/test_graders.py
+	$(PY) -m pytest -q tests exercises/test_graders.py $(NBVAL)
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not browser" tests

@@ -1,0 +1,47 @@
+"""Shared fixtures: the repository root, the built book, and Debian's chromium for browser tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's chromium; skipped when missing, except under CI=true where that is a failure."""
+    if not CHROMIUM.is_file():
+        reason = f"{CHROMIUM} not found: run `make chromium` (apt-get install chromium) for the browser tests"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: browser tests may not be skipped)")
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def built_book() -> Path:
+    """``book/_build/html``, (re)built first when a book source is newer than the build."""
+    from minimem.bookbuild import book_paths, build
+
+    html = book_paths(REPO_ROOT)["html"]
+    stamp = html / "searchindex.js"  # rewritten by every build
+    book = REPO_ROOT / "book"
+    sources = [*book.glob("*.*"), *book.glob("_static/*.*"), *(REPO_ROOT / "notebooks").glob("*.ipynb")]
+    if not stamp.is_file() or max(p.stat().st_mtime for p in sources) > stamp.stat().st_mtime:
+        build(REPO_ROOT)
+    return html
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """A headless chromium (Playwright), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
