@@ -43,7 +43,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)
         cfg = self.config
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (T, E)
+        logits = self.router(x)
+        # at least float32 (bf16 routing is noisy), float64 stays float64 (gradcheck)
+        probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (T, E)
         weights, experts = probs.topk(cfg.top_k, dim=-1)  # (T, k)
         self.last_indices = experts.detach()
         # load balance: f_e (fraction of assignments) * P_e (mean probability), times E

@@ -9,6 +9,7 @@ BENCHES = {
     "retrieval": "minimem.bench.retrieval",  # product-key top-m vs brute force
     "train": "minimem.bench.train",  # training / inference tokens/s, the reference run
     "accounting": "minimem.bench.accounting",  # params, FLOPs, bytes per token for every config
+    "step": "minimem.bench.step",  # CPU training-step time of every layer against dense
 }
 
 

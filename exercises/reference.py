@@ -1,0 +1,301 @@
+"""minimem's own implementation of every exercise: what ``minimem grade --reference`` grades.
+
+:data:`REFERENCES` maps each exercise to the minimem function that implements it, so it is also
+a map from the exercises to the package. An exercise smaller than any minimem function gets a
+thin adapter below that calls minimem's code with the exercise's arguments; none of them
+re-implements the mechanism. Modules are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+REFERENCES: dict[str, dict[str, str]] = {
+    "ch1_ffn_memory": {
+        "swiglu_ffn": "exercises.reference:swiglu_ffn",  # minimem.model.SwiGLU
+        "moe_forward": "exercises.reference:moe_forward",  # minimem.moe.MoE
+        "expected_distinct": "minimem.accounting:expected_distinct",
+        "moe_bytes_per_token": "exercises.reference:moe_bytes_per_token",  # minimem.accounting.bytes_read
+    },
+    "ch2_product_keys": {
+        "brute_force_topk": "minimem.retrieval:brute_force_topk",
+        "product_key_topk": "minimem.retrieval:product_key_topk",
+    },
+    "ch3_pkm": {
+        "kl_from_uniform": "minimem.memory.metrics:kl_from_uniform",
+        "usage_metrics": "minimem.memory.metrics:usage_metrics",
+        "pkm_queries": "exercises.reference:pkm_queries",  # minimem.memory.pkm.ProductKeyRouter.queries
+        "pkm_forward": "exercises.reference:pkm_forward",  # minimem.memory.pkm.PKM
+    },
+    "ch4_peer": {
+        "peer_experts": "exercises.reference:peer_experts",  # minimem.memory.peer.PEER, routing given
+        "peer_forward": "exercises.reference:peer_forward",  # minimem.memory.peer.PEER
+    },
+    "ch5_ultramem": {
+        "rank1_core": "minimem.retrieval:rank1_core",
+        "tucker_topk": "minimem.retrieval:tucker_topk",
+        "multi_core_read": "exercises.reference:multi_core_read",  # minimem.kernels.memory_lookup
+        "implicit_value_expansion": "exercises.reference:implicit_value_expansion",  # minimem.memory.ultramem.UltraMem
+    },
+    "ch6_ultramemv2": {
+        "principled_value_std": "minimem.memory.init:principled_value_std",
+        "prevalue_read": "exercises.reference:prevalue_read",  # memory_lookup with pre-values + W
+        "mcp_percent": "exercises.reference:mcp_percent",  # minimem.memory.ultramemv2.mcp_percent
+    },
+    "ch7_triton": {
+        "weighted_gather": "exercises.reference:weighted_gather",  # minimem.kernels.memory_lookup, triton backend
+        "weighted_gather_backward": "exercises.reference:weighted_gather_backward",  # its autograd backward
+    },
+}
+
+
+class ChapterReference:
+    """Attribute access to one chapter's reference functions, resolved lazily from :data:`REFERENCES`."""
+
+    def __init__(self, chapter: str):
+        if chapter not in REFERENCES:
+            raise ValueError(f"chapter must be one of {sorted(REFERENCES)}, got {chapter!r}")
+        self.chapter = chapter
+
+    def __getattr__(self, name: str):
+        table = REFERENCES[self.__dict__["chapter"]]
+        if name not in table:
+            raise AttributeError(f"{self.chapter} has no exercise {name!r}; exercises: {sorted(table)}")
+        module, _, attribute = table[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def __dir__(self):
+        return sorted(REFERENCES[self.chapter])
+
+
+def namespace(chapter: str) -> ChapterReference:
+    return ChapterReference(chapter)
+
+
+# --------------------------------------------------------------------------- chapter 1
+
+
+def swiglu_ffn(x, w1, w3, w2):
+    """``minimem.model.SwiGLU`` with the given weights (its w13 is [w1; w3])."""
+    from minimem.model import SwiGLU
+
+    d_ff, h = w1.shape
+    if w3.shape != w1.shape:
+        raise ValueError(f"w3 must have the shape of w1 {tuple(w1.shape)}, got {tuple(w3.shape)}")
+    if w2.shape != (h, d_ff):
+        raise ValueError(f"w2 must have shape (h, d_ff) = ({h}, {d_ff}), got {tuple(w2.shape)}")
+    if x.dim() != 2 or x.shape[1] != h:
+        raise ValueError(f"x must have shape (T, h={h}), got {tuple(x.shape)}")
+    module = SwiGLU(h, d_ff).to(device=x.device, dtype=x.dtype)
+    weights = {"w13.weight": torch.cat([w1, w3]), "w2.weight": w2}
+    return torch.func.functional_call(module, weights, (x,))
+
+
+def moe_forward(x, router_weight, w13, w2, top_k):
+    """``minimem.moe.MoE`` with the given weights and aux_loss_weight 1: returns (out, aux_loss)."""
+    from minimem.config import MoEConfig
+    from minimem.moe import MoE
+
+    n_experts, h, two_d = w13.shape
+    config = MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=two_d // 2, aux_loss_weight=1.0)
+    module = MoE(h, config).to(device=x.device, dtype=x.dtype)
+    weights = {"router.weight": router_weight, "w13": w13, "w2": w2}
+    out = torch.func.functional_call(module, weights, (x,))
+    return out, module.aux_loss
+
+
+def moe_bytes_per_token(n_experts, top_k, h, d_expert, batch_tokens, dtype_bytes=4):
+    """``minimem.accounting.bytes_read`` of a one-block MoE model: its expected expert bytes per token.
+
+    The model needs an even width h (one attention head, rotary pairs).
+    """
+    from minimem import accounting
+    from minimem.config import ModelConfig, MoEConfig
+
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=h, ffn="moe",
+                         moe=MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=d_expert))
+    return accounting.bytes_read(config, batch_tokens, dtype_bytes)["moe_expected"] / batch_tokens
+
+
+# --------------------------------------------------------------------------- chapters 3 and 4
+
+
+class _Method(torch.nn.Module):
+    """Calls ``method`` of ``inner`` as its forward, so ``functional_call`` can swap inner's weights."""
+
+    def __init__(self, inner: torch.nn.Module, method: str):
+        super().__init__()
+        self.inner, self.method = inner, method
+
+    def forward(self, *args):
+        return getattr(self.inner, self.method)(*args)
+
+
+def _product_key_config(kind, h, heads, n, d_key, m, query_norm="layernorm", activation="none"):
+    """A one-block ModelConfig whose memory is ``kind`` with the exercise's sizes (h even: one head)."""
+    from minimem.config import ModelConfig
+    from minimem.memory.config import MemoryConfig
+
+    memory = MemoryConfig(kind=kind, n_slots=n * n, heads=heads, topk=m, d_key=d_key, query_norm=query_norm,
+                          activation=activation, cores=1)
+    return ModelConfig(n_layer=1, n_head=1, n_embd=h, memory=memory)
+
+
+def _router_weights(w_query, keys1=None, keys2=None):
+    """Parameter names of ``minimem.memory.pkm.ProductKeyRouter`` -> the exercise's tensors."""
+    heads, d_key, h = w_query.shape
+    weights = {"query.weight": w_query.reshape(heads * d_key, h)}
+    if keys1 is not None:
+        weights["keys"] = torch.stack([keys1, keys2], dim=1)  # (H, 2, n, D_k / 2)
+    return weights
+
+
+def _norm_weights(prefix, shape, like):
+    return {f"{prefix}.weight": like.new_ones(shape), f"{prefix}.bias": like.new_zeros(shape)}
+
+
+def pkm_queries(x, w_query, norm):
+    """``ProductKeyRouter.queries`` of a PKM built with ``query_norm=norm`` (training mode, no affine)."""
+    from minimem.memory.config import QUERY_NORMS
+    from minimem.memory.pkm import PKM
+
+    if norm not in QUERY_NORMS:
+        raise ValueError(f"norm must be one of {QUERY_NORMS}, got {norm!r}")
+    if norm == "batchnorm" and x.shape[0] < 2:
+        raise ValueError(f"x needs T >= 2 tokens for batchnorm statistics, got shape {tuple(x.shape)}")
+    heads, d_key, h = w_query.shape
+    module = PKM(_product_key_config("pkm", h, heads, 1, d_key, 1, query_norm=norm), 0).to(x.dtype).train()
+    weights = _router_weights(w_query)
+    if norm == "layernorm":
+        weights.update(_norm_weights("query_norm", d_key, x))
+    elif norm == "batchnorm":
+        weights.update(_norm_weights("query_norm", heads * d_key, x))
+    weights = {f"inner.{k}": v for k, v in weights.items()}
+    return torch.func.functional_call(_Method(module, "queries"), weights, (x,))
+
+
+def pkm_forward(x, w_query, keys1, keys2, values, m):
+    """``minimem.memory.pkm.PKM`` with the given weights (LayerNorm queries without gain or bias)."""
+    from minimem.memory.pkm import PKM
+
+    heads, d_key, h = w_query.shape
+    module = PKM(_product_key_config("pkm", h, heads, keys1.shape[1], d_key, m), 0).to(x.dtype)
+    weights = {**_router_weights(w_query, keys1, keys2), **_norm_weights("query_norm", d_key, x), "values": values}
+    return torch.func.functional_call(module, weights, (x.unsqueeze(0),)).squeeze(0)
+
+
+def peer_forward(x, w_query, keys1, keys2, down, up, m, activation="gelu"):
+    """``minimem.memory.peer.PEER`` with the given weights (LayerNorm queries without gain or bias)."""
+    from minimem.memory.peer import PEER
+
+    heads, d_key, h = w_query.shape
+    config = _product_key_config("peer", h, heads, keys1.shape[1], d_key, m, activation=activation)
+    module = PEER(config, 0).to(x.dtype)
+    weights = {**_router_weights(w_query, keys1, keys2), **_norm_weights("query_norm", d_key, x),
+               "down": down, "up": up}
+    return torch.func.functional_call(module, weights, (x.unsqueeze(0),)).squeeze(0)
+
+
+def peer_experts(x, indices, weights, down, up, activation):
+    """``PEER.forward`` with its router replaced by the given (indices, weights): the expert half only.
+
+    The PEER module needs N = n^2 experts and k <= n.
+    """
+    import math
+
+    from minimem.memory.peer import PEER
+
+    T, k = indices.shape
+    n = math.isqrt(down.shape[0])
+    module = PEER(_product_key_config("peer", x.shape[1], 1, n, 2, k, activation=activation), 0).to(x.dtype)
+    module.route = lambda _x: (weights.unsqueeze(1), weights.unsqueeze(1), indices.unsqueeze(1))  # (T, H=1, k)
+    return torch.func.functional_call(module, {"down": down, "up": up}, (x.unsqueeze(0),)).squeeze(0)
+
+
+# --------------------------------------------------------------------------- chapter 5
+
+
+def multi_core_read(values, indices, scores):
+    from minimem.kernels import memory_lookup
+
+    return memory_lookup(values, indices, scores, backend="torch")
+
+
+class _GivenRetrieval(torch.nn.Module):
+    """Stands in for UltraMem's TuckerRetrieval: returns the given (scores, virtual slots)."""
+
+    def __init__(self, scores, slots):
+        super().__init__()
+        self.scores, self.slots = scores, slots
+
+    def forward(self, x):
+        return self.scores, self.slots
+
+
+def implicit_value_expansion(values, rows, blocks, scores, projections):
+    """``minimem.memory.ultramem.UltraMem.forward`` with its retrieval returning the given slots.
+
+    The identity shuffle makes virtual slot ``block * N + row`` physical row ``row`` of block
+    ``block``. The module needs N and E perfect squares and m <= sqrt(N).
+    """
+    from minimem.config import ModelConfig
+    from minimem.memory.config import MemoryConfig
+    from minimem.memory.ultramem import UltraMem
+
+    n_slots, d_value = values.shape
+    expansion, _, h = projections.shape
+    T, m, cores = scores.shape
+    memory = MemoryConfig(kind="ultramem", n_slots=n_slots, topk=m, d_key=2, d_value=d_value, cores=cores,
+                          expansion=expansion, skip=[[0, 1]])
+    module = UltraMem(ModelConfig(n_layer=2, n_head=1, n_embd=h, memory=memory), 0, 1).to(values.dtype)
+    module.retrieval = _GivenRetrieval(scores, blocks * n_slots + rows)
+    weights = {
+        "values": values,
+        "value_proj.weight": projections.reshape(expansion * d_value, h).T,  # [W_1; ...; W_E]
+        "shuffle": torch.arange(expansion * n_slots, device=values.device),
+    }
+    return torch.func.functional_call(module, weights, (values.new_zeros(1, T, h),)).squeeze(0)
+
+
+# --------------------------------------------------------------------------- chapter 6
+
+
+def prevalue_read(values, pre_values, indices, scores, px, w_out):
+    """``memory_lookup`` with pre-values, then the single output projection W (UltraMemV2.forward)."""
+    from minimem.kernels import memory_lookup
+
+    return torch.nn.functional.linear(memory_lookup(values, indices, scores, pre_values, px, backend="torch"), w_out)
+
+
+def mcp_percent(h, ffn_hidden, n_keys, d_key, d_value, d_pre, heads, rank, cores, topk):
+    """``minimem.memory.ultramemv2.mcp_percent`` of a one-block model with these sizes (h even)."""
+    from minimem.config import ModelConfig
+    from minimem.memory.config import MemoryConfig
+    from minimem.memory.ultramemv2 import mcp_percent as model_mcp_percent
+
+    memory = MemoryConfig(kind="ultramemv2", n_slots=n_keys * n_keys, heads=heads, topk=topk, d_key=d_key,
+                          d_value=d_value, d_pre=d_pre, rank=rank, cores=cores)
+    return model_mcp_percent(ModelConfig(n_layer=1, n_head=1, n_embd=h, ffn_hidden=ffn_hidden, memory=memory))
+
+
+# --------------------------------------------------------------------------- chapter 7
+
+
+def weighted_gather(values, indices, scores):
+    """``memory_lookup`` (one core, no pre-values) with minimem's Triton kernels."""
+    from minimem.kernels import memory_lookup
+
+    return memory_lookup(values, indices, scores.unsqueeze(-1), backend="triton")
+
+
+def weighted_gather_backward(grad_out, values, indices, scores):
+    """The gradients that minimem's Triton lookup's backward (atomic scatter-add) computes."""
+    from minimem.kernels import memory_lookup
+
+    values = values.detach().requires_grad_(True)
+    scores = scores.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = memory_lookup(values, indices, scores.unsqueeze(-1), backend="triton")
+        grad_values, grad_scores = torch.autograd.grad(out, (values, scores), grad_out)
+    return grad_values, grad_scores

@@ -1,0 +1,192 @@
+"""minimem.config: loading, overrides, validation errors, and how ``minimem train`` reports them."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from minimem.config import Config, ModelConfig, MoEConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from minimem.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [REPO / "configs" / "shakespeare-dense.yaml", REPO / "configs" / "shakespeare-moe.yaml"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscribing the shared 2-core machine (torch's pool spins)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    config = load_config(write(tmp_path, {"model": {"n_layer": 3, "moe": {"top_k": 1}}, "train": {"lr": 0.002}}))
+    assert config.model.n_layer == 3 and config.model.moe.top_k == 1 and config.train.lr == 0.002
+    assert config.model.n_embd == ModelConfig().n_embd  # unnamed fields keep their defaults
+    assert config_from_dict(json.loads(config.to_json())) == config
+    config.save_json(tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == config
+
+
+def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
+    path = write(tmp_path, {"train": {"lr": 0.002}})
+    config = load_config(path, ["train.lr=1e-3", "model.moe.top_k=3", "model.ffn=moe", "train.dataset_args={n_pairs: 4}"])
+    assert config.train.lr == 0.001 and isinstance(config.train.lr, float)  # YAML reads 1e-3 as a string
+    assert config.model.moe.top_k == 3 and config.model.ffn == "moe"
+    assert config.train.dataset_args == {"n_pairs": 4}
+    assert apply_overrides({}, ["train.seed=7"]) == {"train": {"seed": 7}}
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"model": {"n_lyer": 3}}, [], r"unknown config key 'model\.n_lyer'"),
+        ({"trian": {}}, [], r"unknown config key 'trian'"),
+        ({}, ["train.lrr=1"], r"unknown config key 'train\.lrr' in --set"),
+        ({}, ["model.moe.topk=1"], r"unknown config key 'model\.moe\.topk'"),
+        ({}, ["train.lr"], r"--set expects KEY=VALUE"),
+        ({}, ["train.lr.x=1"], r"'train\.lr' has no sub-keys"),
+        ({"model": {"n_layer": 2.5}}, [], r"model\.n_layer must be an integer"),
+        ({"model": {"n_layer": True}}, [], r"model\.n_layer must be a number"),
+        ({"model": {"tie_embeddings": "maybe"}}, [], r"model\.tie_embeddings must be a boolean"),
+        ({"train": {"lr": "fast"}}, [], r"train\.lr must be of type float"),
+        ({"model": "big"}, [], r"model must be a mapping"),
+    ],
+)
+def test_bad_keys_and_types_name_the_field(tmp_path, data, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path, data), overrides)
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [1, 2\n"))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (dict(ffn="moe", moe=MoEConfig(n_experts=4, top_k=5)), r"moe\.top_k must be between 1 and moe\.n_experts=4, got 5"),
+        (dict(moe=MoEConfig(n_experts=0)), r"moe\.n_experts must be >= 1"),
+        (dict(moe=MoEConfig(d_expert=0)), r"moe\.d_expert"),
+        (dict(n_embd=130, n_head=4), r"model\.n_embd=130 must be divisible by model\.n_head=4"),
+        (dict(n_embd=36, n_head=4), r"model\.n_embd / model\.n_head = 9 must be even"),
+        (dict(ffn="gelu"), r"model\.ffn must be one of \('dense', 'moe'\)"),
+        (dict(dropout=1.0), r"model\.dropout must be in \[0, 1\)"),
+        (dict(n_layer=0), r"model\.n_layer must be >= 1"),
+    ],
+)
+def test_invalid_model_configs(model, message):
+    with pytest.raises(ValueError, match=message):
+        Config(model=ModelConfig(**model)).validate()
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (dict(lr=0.0), r"train\.lr must be > 0"),
+        (dict(lr=1e-3, min_lr=1e-2), r"train\.min_lr must be in \[0, train\.lr"),
+        (dict(batch_size=0), r"train\.batch_size must be >= 1"),
+        (dict(warmup_steps=-1), r"train\.warmup_steps"),
+        (dict(value_lr_mult=0.0), r"train\.value_lr_mult must be > 0"),
+        (dict(value_lr_schedule="cosine"), r"train\.value_lr_schedule must be 'constant' or 'linear_decay'"),
+    ],
+)
+def test_invalid_train_configs(train, message):
+    with pytest.raises(ValueError, match=message):
+        Config(train=TrainConfig(**train)).validate()
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def test_shipped_configs_load_and_match_activated_parameters():
+    from minimem.accounting import count_parameters
+
+    dense, moe = (load_config(p) for p in CONFIGS)
+    assert dense.model.ffn == "dense" and moe.model.ffn == "moe"
+    assert dataclasses.replace(moe.train, out_dir=dense.train.out_dir) == dense.train  # the same recipe
+    d, m = count_parameters(dense.model), count_parameters(moe.model)
+    assert abs(m["activated"] - d["activated"]) / d["activated"] < 0.005
+    assert m["total"] > 2 * d["total"]
+    for path, counts in ((CONFIGS[0], d), (CONFIGS[1], m)):  # the YAML comments state the numbers
+        text = path.read_text()
+        assert f"{counts['activated']:,}" in text and f"{counts['total']:,}" in text
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def run_cli(capsys, *argv):
+    code = main(["--no-progress", *argv])
+    out = capsys.readouterr()
+    return code, out.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "missing.yaml"], r"config file not found: missing\.yaml"),
+        (["--set", "train.lrr=1"], r"unknown config key 'train\.lrr'"),
+        (["--set", "model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=8"], r"moe\.top_k must be between 1 and moe\.n_experts=4, got 8"),
+        (["--set", "model.n_embd=126"], r"model\.n_embd=126 must be divisible by model\.n_head=4"),
+        (["--set", "train.dataset=wiki"], r"dataset must be one of"),
+        (["--set", "train.device=tpu"], r"train\.device must be"),
+        (["--set", "train.grad_clip=-1"], r"train\.grad_clip must be >= 0"),
+        (["--resume"], r"--resume: no checkpoint in"),
+        (["--max-steps", "0"], r"train\.max_steps must be >= 1"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line_with_exit_2(tmp_path, capsys, args, message):
+    import re
+
+    config = write(tmp_path, {"model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8}})
+    if args[:2] != ["--config", "missing.yaml"]:
+        args = ["--config", str(config), "--out", str(tmp_path / "run"), *args]
+    code, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("minimem train: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_cli_reports_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    config = write(tmp_path, {"model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
+                              "train": {"max_steps": 2, "eval_iters": 1, "batch_size": 2, "threads": 1}})
+    out = tmp_path / "run"
+    assert run_cli(capsys, "--config", str(config), "--out", str(out))[0] == 0
+    weights = out / "ckpt-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    code, err = run_cli(capsys, "--config", str(config), "--out", str(out), "--resume", "--max-steps", "4")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("minimem train: error: corrupt checkpoint file") and "model.safetensors" in err
+
+
+def test_cli_resume_without_config_uses_the_run_config(tmp_path, capsys):
+    config = write(tmp_path, {"model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
+                              "train": {"max_steps": 4, "eval_iters": 1, "batch_size": 2, "ckpt_interval": 2,
+                                        "log_interval": 1, "threads": 1}})
+    out = tmp_path / "run"
+    assert run_cli(capsys, "--config", str(config), "--out", str(out))[0] == 0
+    assert run_cli(capsys, "--out", str(out), "--resume", "--max-steps", "6")[0] == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    code, err = run_cli(capsys)
+    assert code == 2 and "--config is required" in err
