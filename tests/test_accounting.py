@@ -178,8 +178,11 @@ def _counted_flops(model, idx):
 def test_flops_match_torch_flop_counter(name):
     """Matrix-product FLOPs of a real forward == the formula minus what the counter cannot see.
 
-    The counter misses the causal attention products on CPU (checked separately below) and
-    the m^2 candidate-grid additions of product-key retrieval.
+    The counter misses the causal attention products on CPU (checked separately below), the
+    m^2 candidate-grid additions of product-key retrieval and elementwise lookups. TDQKR's small
+    terms (rank-1 candidate scores, m x m grid, per-core scores: O(r n + r m^2) per head) are
+    matmuls or elementwise products depending on the implementation, so for them the formula
+    only has to lie between "counter saw none of them" and "counter saw all of them".
     """
     config = any_config(name)
     model = built(name).eval()
@@ -188,7 +191,23 @@ def test_flops_match_torch_flop_counter(name):
     sdpa = sum(f for op, f in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
     ours = flops_per_token(config, context=config.block_size)
     seen = (counter.get_total_flops() - sdpa) / idx.numel()
-    assert seen == pytest.approx(ours["forward"] - ours["attention_context"] - _unseen_by_counter(config), rel=1e-9)
+    expected = ours["forward"] - ours["attention_context"] - _unseen_by_counter(config)
+    small = _tucker_small_terms(model)
+    assert expected - small - 1e-6 <= seen <= expected + 1e-6
+    if not small:
+        assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def _tucker_small_terms(model):
+    """Per token, over all TDQKR layers: 4 r n_keys + 2 (r^2 m + r m^2) + 2 c m (r^2 + r) per head."""
+    total = 0
+    for mem in accounting.memory_modules(model):
+        ret = getattr(mem, "retrieval", None)
+        if ret is None:
+            continue
+        r, nk, m, c, H = ret.rank, ret.n_keys, ret.topk, ret.n_cores, ret.heads
+        total += H * (4 * r * nk + 2 * (r * r * m + r * m * m) + 2 * c * m * (r * r + r))
+    return total
 
 
 def _unseen_by_counter(config):
