@@ -44,6 +44,7 @@ __all__ = [
     "subkey_scores_topk",
     "ordered_topk",
     "rank1_core",
+    "rank1_cores",
     "tucker_topk",
     "tucker_exact_topk",
     "tucker_recall",
@@ -58,24 +59,23 @@ def ordered_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (values, positions), each (R, k), sorted by (value desc, position asc): exactly
     ``torch.sort(x, descending=True, stable=True)[:, :k]``. Fast path: ``torch.topk`` of k + 1
-    values, then a sort of the k positions; rows whose k-th and (k+1)-th values are equal (a
-    tie across the boundary, where ``torch.topk`` picks arbitrarily) take the full stable sort.
+    values. A row whose k + 1 values are strictly decreasing has no tie inside its top-k nor
+    across the boundary, so ``torch.topk``'s answer is the stable sort's; only the other rows
+    (equal values, where ``torch.topk`` picks arbitrarily, or NaNs) take the full stable sort.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be a 2-D (R, L) tensor, got shape {tuple(x.shape)}")
     L = x.shape[-1]
     _check_m(k, L, name="k")
     values, pos = torch.topk(x, min(k + 1, L), dim=-1)  # one extra to see a tie at the boundary
-    pos = pos[:, :k]
-    if k < L:
-        crossing = values[:, k - 1] == values[:, k]
-        if bool(crossing.any()):
-            rows = crossing.nonzero().squeeze(1)
-            pos = pos.clone()
-            pos[rows] = torch.sort(x[rows], dim=-1, descending=True, stable=True).indices[:, :k]
-    pos = pos.sort(dim=-1).values  # position asc, then a stable sort by value desc
-    values, order = x.gather(-1, pos).sort(dim=-1, descending=True, stable=True)
-    return values, pos.gather(-1, order)
+    decreasing = values.diff(dim=1) < 0  # False at a tie or a NaN
+    values, pos = values.narrow(1, 0, k), pos.narrow(1, 0, k)
+    if not bool(decreasing.all()):
+        rows = (~decreasing.all(dim=1)).nonzero().squeeze(1)  # rows not strictly decreasing
+        exact = torch.sort(x[rows], dim=-1, descending=True, stable=True)
+        values, pos = values.clone(), pos.clone()
+        values[rows], pos[rows] = exact.values[:, :k], exact.indices[:, :k]
+    return values, pos
 
 
 def _check_m(m, n: int, name: str = "m") -> None:
@@ -215,11 +215,19 @@ def rank1_core(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if core.dim() != 2 or core.shape[0] != core.shape[1]:
         raise ValueError(f"core must be a square (r, r) tensor, got shape {tuple(core.shape)}")
-    U, _, Vh = torch.linalg.svd(core.detach())
-    u, t = U[:, 0].clone(), Vh[0].clone()
-    if u[u.abs().argmax()] < 0:
-        u, t = -u, -t
-    return u, t
+    u, t = rank1_cores(core.unsqueeze(0))
+    return u[0], t[0]
+
+
+@torch.no_grad()
+def rank1_cores(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rank1_core` of each of the (B, r, r) cores at once (one batched SVD): u, t (B, r)."""
+    if cores.dim() != 3 or cores.shape[1] != cores.shape[2]:
+        raise ValueError(f"cores must be a (B, r, r) tensor, got shape {tuple(cores.shape)}")
+    U, _, Vh = torch.linalg.svd(cores.detach())
+    u, t = U[:, :, 0], Vh[:, 0, :]
+    sign = u.gather(1, u.abs().argmax(1, keepdim=True)).sign()  # of the first entry of largest |.| (never 0)
+    return u * sign, t * sign  # -1 flips u and t together, +1 keeps them
 
 
 def _check_tucker_inputs(s_row, s_col, cores, m) -> None:
@@ -233,11 +241,19 @@ def _check_tucker_inputs(s_row, s_col, cores, m) -> None:
     _check_m(m, s_row.shape[2])
 
 
-def _per_core_scores(s_row, s_col, cores, i, j) -> torch.Tensor:
-    """Core k's score at slots (i, j): s_row[:, :, i]^T C^(k) s_col[:, :, j] -> (T, m, c)."""
-    rows = s_row.gather(2, i.unsqueeze(1).expand(-1, s_row.shape[1], -1))  # (T, r, m)
-    cols = s_col.gather(2, j.unsqueeze(1).expand(-1, s_col.shape[1], -1))
-    return torch.einsum("tam,kab,tbm->tmk", rows, cores, cols)
+def _per_core_scores(rows: torch.Tensor, cols: torch.Tensor, cores: torch.Tensor, i, j) -> torch.Tensor:
+    """Core k's score S_row[:, i]^T C^(k) S_col[:, j] at slots (i, j) (T, m): (T, m, c), with autograd.
+
+    rows, cols (r, T, n) rank-wise scores, tokens inside. The score is the inner product of
+    C^(k) with the outer product of the slot's row and column rank scores: one (T m, r^2) x
+    (r^2, c) matmul, so that the backward's reductions over the T m slots are matmuls too.
+    """
+    r, T, _ = rows.shape
+    c, m = cores.shape[0], i.shape[1]
+    R = rows.gather(2, i.expand(r, T, m))  # (r, T, m)
+    K = cols.gather(2, j.expand(r, T, m))
+    pairs = (R.unsqueeze(1) * K.unsqueeze(0)).view(r * r, T * m)  # [a, b] = R[a] K[b]
+    return (pairs.T @ cores.reshape(c, r * r).T).view(T, m, c)
 
 
 def tucker_topk(
@@ -259,28 +275,35 @@ def tucker_topk(
     cores) and flat indices (T, m) = i * n + j, sorted by descending summed score. Exact when
     C has rank 1 and u^T s_row, t^T s_col are non-negative; otherwise measure with
     :func:`tucker_recall`.
+
+    Layout: the work runs on (r, T, n) views, tokens inside, and the r x r contractions are
+    elementwise products summed over the rank axis (r is tiny: a T-batched matmul of r x r
+    matrices is slower on CPU). Fastest when s_row and s_col are transposed views of (r, T, n)
+    tensors, as :meth:`minimem.memory.ultramem.TuckerRetrieval.rank_scores` returns them.
     """
     _check_tucker_inputs(s_row, s_col, cores, m)
     if (u is None) != (t is None):
         raise ValueError("u and t must be given together or both left None")
-    r = s_row.shape[1]
+    T, r, n = s_row.shape
+    rows_rt, cols_rt = s_row.transpose(0, 1), s_col.transpose(0, 1)  # (r, T, n)
     with torch.no_grad():
         C = cores.detach().sum(0)
         if u is None:
             u, t = rank1_core(C)
         if u.shape != (r,) or t.shape != (r,):
             raise ValueError(f"u and t must have shape ({r},), got {tuple(u.shape)} and {tuple(t.shape)}")
-        u, t = u.to(s_row), t.to(s_row)  # dtype and device of the scores
-        _, rows = ordered_topk(torch.einsum("a,tan->tn", u, s_row.detach()), m)  # (T, m)
-        _, cols = ordered_topk(torch.einsum("b,tbn->tn", t, s_col.detach()), m)
-        R = s_row.detach().gather(2, rows.unsqueeze(1).expand(-1, r, -1))  # (T, r, m)
-        K = s_col.detach().gather(2, cols.unsqueeze(1).expand(-1, r, -1))
-        grid = torch.einsum("tai,ab,tbj->tij", R, C, K).flatten(1)  # (T, m*m)
-        _, cell = ordered_topk(grid, m)
-        i = rows.gather(1, cell // m)
-        j = cols.gather(1, cell % m)
-    n = s_row.shape[2]
-    return _per_core_scores(s_row, s_col, cores, i, j), i * n + j
+        u, t = u.to(s_row).view(r, 1, 1), t.to(s_row).view(r, 1, 1)  # dtype and device of the scores
+        R_all, K_all = rows_rt.detach(), cols_rt.detach()
+        _, rows = ordered_topk((u * R_all).sum(0), m)  # (T, m): top-m of u^T S_row
+        _, cols = ordered_topk((t * K_all).sum(0), m)
+        R = R_all.gather(2, rows.expand(r, T, m))  # (r, T, m): the candidates' rank scores
+        K = K_all.gather(2, cols.expand(r, T, m))
+        RC = (C.view(r, r, 1, 1) * R.unsqueeze(1)).sum(0)  # (r, T, m): [b, i] = sum_a R[a, i] C[a, b]
+        grid = (RC.unsqueeze(-1) * K.unsqueeze(-2)).sum(0)  # (T, m, m): [i, j] = sum_b RC[b, i] K[b, j]
+        _, cell = ordered_topk(grid.view(T, m * m), m)
+        a = torch.div(cell, m, rounding_mode="floor")  # candidate row rank, column rank b = cell - a m
+        i, j = rows.gather(1, a), cols.gather(1, cell - a * m)
+    return _per_core_scores(rows_rt, cols_rt, cores, i, j), i * n + j
 
 
 def tucker_exact_topk(s_row, s_col, cores, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +317,7 @@ def tucker_exact_topk(s_row, s_col, cores, m: int) -> tuple[torch.Tensor, torch.
     with torch.no_grad():
         full = torch.einsum("tai,ab,tbj->tij", s_row.detach(), cores.detach().sum(0), s_col.detach())
         _, flat = ordered_topk(full.flatten(1), m)
-    return _per_core_scores(s_row, s_col, cores, flat // n, flat % n), flat
+    return _per_core_scores(s_row.transpose(0, 1), s_col.transpose(0, 1), cores, flat // n, flat % n), flat
 
 
 def tucker_recall(s_row, s_col, cores, m: int) -> float:

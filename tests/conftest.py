@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The Triton interpreter must be chosen before triton is first imported, by whichever test
+# module comes first: on a machine without CUDA every Triton test runs interpreted on CPU.
+if not os.environ.get("TRITON_INTERPRET") and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

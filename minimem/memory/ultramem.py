@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from minimem.kernels import memory_lookup
 from minimem.model import RMSNorm
-from minimem.retrieval import rank1_core, tucker_topk
+from minimem.retrieval import rank1_cores, tucker_topk
 
 SHUFFLE_SEED = 0x5EED  # base seed of the fixed IVE / UltraMemV2 slot permutations
 
@@ -113,10 +113,9 @@ class TuckerRetrieval(nn.Module):
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """(u, t) = leading singular vectors of each head's summed core (fixed sign rule)."""
-        for head in range(self.heads):
-            u, t = rank1_core(self.cores[head].sum(0).float())
-            self.u[head].copy_(u)
-            self.t[head].copy_(t)
+        u, t = rank1_cores(self.cores.sum(1).float())  # every head at once
+        self.u.copy_(u)
+        self.t.copy_(t)
 
     @torch.no_grad()
     def scale_scores(self, factor: float) -> None:
@@ -131,16 +130,22 @@ class TuckerRetrieval(nn.Module):
         self.key_norm.weight.mul_(factor**0.25)
 
     def rank_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, H, 2, r, n_keys): per head, side (0 row, 1 column) and rank, the sub-key scores."""
+        """(T, H, 2, r, n_keys): per head, side (0 row, 1 column) and rank, the sub-key scores.
+
+        A permuted view of a contiguous (H, 2, r, T, n_keys) tensor, so that each head's row and
+        column scores are views of (r, T, n_keys) tensors, the layout
+        :func:`minimem.retrieval.tucker_topk` works in.
+        """
         q = self.query_norm(self.query(x).view(x.shape[0], self.heads, 2, self.rank, self.half))
         k = self.key_norm(self.keys)
-        return torch.einsum("thsad,hsand->thsan", q, k)
+        return torch.einsum("thsad,hsand->hsatn", q, k).permute(3, 0, 1, 2, 4)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.rank_scores(x)
         scores, slots = [], []
-        for head in range(self.heads):
-            sc, idx = tucker_topk(s[:, head, 0], s[:, head, 1], self.cores[head], self.topk, self.u[head], self.t[head])
+        # unbind, not indexing: its backward stacks the heads' gradients in one copy
+        for head, s in enumerate(self.rank_scores(x).unbind(1)):  # s (T, 2, r, n)
+            s_row, s_col = s.unbind(1)
+            sc, idx = tucker_topk(s_row, s_col, self.cores[head], self.topk, self.u[head], self.t[head])
             if self.softmax:  # ablation: normalise each core's m scores
                 sc = F.softmax(sc, dim=1)
             scores.append(sc)
