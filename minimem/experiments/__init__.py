@@ -1,0 +1,66 @@
+"""``minimem experiment NAME [--quick] [--seeds K] [--out DIR]``: reproduce the papers' claims at toy scale.
+
+Each experiment (see ``--list``) trains and measures a set of variants over K seeds and
+writes ``NAME.json`` (every run's config, seed, metrics and wall time, the git commit, and
+mean / std / n per variant), ``NAME.md`` (the table) and its plots (PNG and SVG) to DIR.
+Full runs default to ``results/`` (committed), ``--quick`` runs (1 seed, few steps: a
+pipeline check, not evidence) to ``runs/experiments-quick/``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from minimem.experiments.runner import EXPERIMENTS, load_experiment, run_experiment, seeds_for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minimem experiment", description=__doc__.split("\n")[0])
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, or all")
+    p.add_argument("--quick", action="store_true", help="1 seed (unless --seeds), few steps: checks the pipeline")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds K (seeds 0..K-1); default 3, 1 with --quick")
+    p.add_argument("--out", default=None, help="output folder (default results/, or runs/experiments-quick with --quick)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process with 1 CPU thread (default 1; timings are "
+                        "cleanest with 1)")
+    p.add_argument("--list", action="store_true", help="list the experiments and the claims they test")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for name in EXPERIMENTS:
+            print(f"{name:<15} {load_experiment(name).CLAIM}")
+        print(f"{'all':<15} every experiment above, in this order")
+        return 0
+    if args.name is None:
+        build_parser().print_usage(sys.stderr)
+        print("minimem experiment: give an experiment NAME or --list", file=sys.stderr)
+        return 2
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in EXPERIMENTS:
+        print(f"minimem experiment: unknown experiment {args.name!r}; choose one of "
+              f"{', '.join(EXPERIMENTS)}, all", file=sys.stderr)
+        return 2
+    try:
+        seeds = seeds_for(args.seeds if args.seeds is not None else (1 if args.quick else 3))
+    except ValueError as err:
+        print(f"minimem experiment: {err}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"minimem experiment: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    out = args.out or ("runs/experiments-quick" if args.quick else "results")
+    started = time.perf_counter()
+    for name in names:
+        run_experiment(name, quick=args.quick, seeds=seeds, out_dir=out, progress=not args.no_progress,
+                       workers=args.jobs)
+    if len(names) > 1:
+        print(f"\nall experiments finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+__all__ = ["main", "run_experiment", "EXPERIMENTS"]

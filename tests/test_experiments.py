@@ -1,0 +1,243 @@
+"""minimem.experiments: runner statistics, parameter matching, every experiment's variants,
+one quick experiment end to end through the CLI (JSON schema, table, plots), and
+reproducibility (same seed -> identical metrics, also across worker processes)."""
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from minimem.config import config_from_dict
+from minimem.experiments import main
+from minimem.experiments.runner import (
+    EXPERIMENTS, is_timing_metric, load_experiment, markdown_table, mean_std, run_experiment, seeds_for,
+    summarise,
+)
+from minimem.experiments import setups
+
+NAMES = ("head2head", "density", "ablations", "init_stability", "memory_access", "in_context")
+
+
+# ----------------------------------------------------------------------------- statistics and tables
+
+
+def test_mean_std_matches_numpy_and_skips_non_finite():
+    xs = [1.5, 2.0, 4.25, -0.5]
+    s = mean_std(xs)
+    assert s["n"] == 4
+    assert s["mean"] == pytest.approx(np.mean(xs))
+    assert s["std"] == pytest.approx(np.std(xs, ddof=1))
+    s = mean_std([1.0, float("nan"), None, 3.0, float("inf")])
+    assert s == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2}
+    assert mean_std([7.0]) == {"mean": 7.0, "std": 0.0, "n": 1}
+    assert mean_std([float("nan")]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_summarise_groups_runs_by_name_in_first_seen_order():
+    runs = [
+        {"name": "b", "metrics": {"loss": 1.0, "acc": 0.5}, "wall_time_s": 2.0},
+        {"name": "a", "metrics": {"loss": 3.0}, "wall_time_s": 1.0},
+        {"name": "b", "metrics": {"loss": 2.0, "acc": 0.7}, "wall_time_s": 4.0},
+    ]
+    summary = summarise(runs)
+    assert [e["name"] for e in summary] == ["b", "a"]
+    b = summary[0]
+    assert b["loss"]["mean"] == pytest.approx(1.5) and b["loss"]["n"] == 2
+    assert b["loss"]["std"] == pytest.approx(statistics.stdev([1.0, 2.0]))
+    assert b["acc"]["mean"] == pytest.approx(0.6)
+    assert b["wall_time_s"]["mean"] == pytest.approx(3.0)
+    assert summary[1]["loss"] == {"mean": 3.0, "std": 0.0, "n": 1}
+    assert "acc" not in summary[1]
+
+
+def test_markdown_table_shows_mean_and_spread():
+    result = {"summary": summarise([
+        {"name": "x", "metrics": {"loss": 1.0}, "wall_time_s": 0.0},
+        {"name": "x", "metrics": {"loss": 2.0}, "wall_time_s": 0.0},
+        {"name": "y", "metrics": {}, "wall_time_s": 0.0},
+    ])}
+    table = markdown_table(result, [("loss", ".2f")]).splitlines()
+    assert table[0] == "| run | loss | seeds |"
+    assert table[2] == f"| x | 1.50 ± {statistics.stdev([1.0, 2.0]):.2f} | 2 |"
+    assert table[3] == "| y | n/a | 1 |"
+
+
+def test_timing_metrics_are_recognised():
+    for name in ("train_tokens_per_s", "train_step_ms", "wall_time_s", "step_time_ratio"):
+        assert is_timing_metric(name)
+    for name in ("val_loss", "exact_match", "params_total", "diverged", "distinct_B16"):
+        assert not is_timing_metric(name)
+
+
+def test_bad_names_and_counts_raise_clear_errors(capsys):
+    with pytest.raises(ValueError, match="experiment must be one of"):
+        load_experiment("nope")
+    with pytest.raises(ValueError, match="--seeds must be a positive integer"):
+        seeds_for(0)
+    with pytest.raises(ValueError, match="workers"):
+        run_experiment("density", quick=True, workers=0)
+    assert main(["nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    assert main(["density", "--seeds", "0"]) == 2
+    assert "--seeds must be a positive integer" in capsys.readouterr().err
+    assert main(["density", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_list_names_every_experiment(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in NAMES + ("all",):
+        assert name in out
+    assert tuple(EXPERIMENTS) == NAMES
+
+
+# ----------------------------------------------------------------------------- parameter matching
+
+
+def test_match_parameters_finds_the_brute_force_optimum():
+    base = setups.model_config("dense")
+    target = 1_234_567
+    fitted = setups.match_parameters(base, "model.ffn_hidden", target, "total", low=1, high=2000)
+    # brute force: total is 800,000 + 4 * 3 * 128 * (f - 344); scan every f
+    best = min(range(1, 2001), key=lambda f: abs(800_000 + 1536 * (f - 344) - target))
+    assert fitted["model"]["ffn_hidden"] == best
+    assert setups.parameters(fitted)["total"] == 800_000 + 1536 * (best - 344)
+    squares = setups.match_parameters(setups.model_config("pkm"), "model.memory.n_slots", 3_000_000, "total",
+                                      to_value=lambda k: k * k, low=8)
+    n = math.isqrt(squares["model"]["memory"]["n_slots"])
+    assert n * n == squares["model"]["memory"]["n_slots"]
+    totals = {k: setups.parameters(setups.set_path(squares, "model.memory.n_slots", k * k))["total"] for k in (n - 1, n, n + 1)}
+    assert abs(totals[n] - 3_000_000) <= min(abs(totals[n - 1] - 3_000_000), abs(totals[n + 1] - 3_000_000))
+    with pytest.raises(ValueError, match="count must be 'total' or 'activated'"):
+        setups.match_parameters(base, "model.ffn_hidden", target, "bogus")
+    with pytest.raises(ValueError, match="unknown config field 'model.ffn_width'"):
+        setups.set_path(base, "model.ffn_width", 3)
+    with pytest.raises(ValueError, match="model must be one of"):
+        setups.model_config("moe4")
+
+
+def test_head2head_parities_hold():
+    from minimem.experiments import head2head
+
+    configs = head2head.parity_configs()
+    counts = {key: setups.parameters(c) for key, c in configs.items()}
+    dense = counts[("dense", "active")]["activated"]
+    anchor = counts[(head2head.ANCHOR, "active")]["total"]
+    for (model, parity), c in counts.items():
+        if parity == "active":
+            assert abs(c["activated"] - dense) / dense < 0.035, (model, c)
+        else:
+            assert abs(c["total"] - anchor) / anchor < 0.01, (model, c)
+            if model != "dense":  # sparse models keep (about) their activated parameters
+                assert abs(c["activated"] - dense) / dense < 0.07, (model, c)
+    moe8 = configs[("moe8", "active")]["model"]["moe"]
+    assert (moe8["n_experts"], moe8["top_k"]) == (64, 8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_experiment_builds_valid_distinct_variants(name):
+    module = load_experiment(name)
+    quick, full = module.variants(True), module.variants(False)
+    assert [v.name for v in quick] == [v.name for v in full]
+    assert len({v.name for v in quick}) == len(quick) >= 2
+    for q, f in zip(quick, full):
+        for v in (q, f):
+            assert config_from_dict(json.loads(json.dumps(v.config))).to_dict() == v.config  # complete and valid
+            assert v.config["train"]["threads"] == 1
+        assert q.config["model"] == f.config["model"]  # quick changes the schedule, not the model
+        assert q.config["train"]["max_steps"] < f.config["train"]["max_steps"]
+    assert module.TABLE and module.CLAIM and callable(module.plot) and callable(module.run)
+
+
+def test_ablations_change_what_they_claim():
+    from minimem.experiments import ablations
+
+    configs = {n: c for n, (_, c) in ablations.ablation_configs().items()}
+    base = configs["baseline"]["model"]["memory"]
+    assert configs["few_layers"]["model"]["memory"]["layers"] == [1, 3]
+    assert configs["init_std0.02"]["model"]["memory"]["value_init"] == "std0.02"
+    assert configs["gelu_gate"]["model"]["memory"]["activation"] == "gelu"
+    assert configs["d_key_h/4"]["model"]["memory"]["d_key"] == 32 and configs["d_key_h"]["model"]["memory"]["d_key"] == 128
+    target = setups.parameters(configs["baseline"])["activated"]
+    for name in ("few_layers", "d_key_h/4", "d_key_h", "two_heads"):
+        assert abs(setups.parameters(configs[name])["activated"] - target) / target < 0.01, name
+    for name, c in configs.items():  # everything else equals the baseline
+        diff = {k for k in base if c["model"]["memory"][k] != base[k]}
+        assert diff <= {"layers", "n_slots", "value_init", "activation", "d_key", "heads", "topk"}, (name, diff)
+    assert set(ablations.NOT_RUN) == {"single_vs_per_block_projection", "plain_values"}
+
+
+def test_in_context_tasks_fill_the_context():
+    from minimem.data import get_dataset
+    from minimem.experiments import in_context
+
+    for task in in_context.TASKS:
+        for context in in_context.CONTEXTS:
+            ds = get_dataset(task, context, 0, **in_context.task_args(task, context))
+            x, y = ds.get_batch("train", 2, __import__("torch").Generator().manual_seed(0))
+            used = int((y != -1).nonzero()[:, 1].max()) + 1  # last answer position
+            assert used > 0.75 * context, (task, context, used)
+    with pytest.raises(ValueError, match="too short for the multiround task"):
+        in_context.task_args("multiround", 16)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _non_timing(result):
+    return [(r["name"], r["seed"], {k: v for k, v in r["metrics"].items() if not is_timing_metric(k)})
+            for r in result["runs"]]
+
+
+def test_quick_experiment_through_the_cli_writes_json_table_and_plots(tmp_path, capsys):
+    assert main(["init_stability", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| principled/lr=normal |" in out
+    data = json.loads((tmp_path / "init_stability.json").read_text())
+    for key in ("experiment", "git_commit", "quick", "seeds", "created", "runs", "summary"):
+        assert key in data
+    assert data["experiment"] == "init_stability" and data["quick"] is True and data["seeds"] == [0]
+    assert len(data["git_commit"]) == 40 or data["git_commit"] == "unknown"
+    module = load_experiment("init_stability")
+    assert [r["name"] for r in data["runs"]] == [v.name for v in module.variants(True)]
+    for run in data["runs"]:
+        assert set(run) >= {"name", "config", "seed", "metrics", "wall_time_s"}
+        assert run["config"]["train"]["seed"] == run["seed"] == 0
+        assert run["config"]["train"]["max_steps"] == module.QUICK["steps"]
+        assert config_from_dict(run["config"])  # the full config, loadable
+        assert run["wall_time_s"] > 0
+        assert run["metrics"]["diverged"] in (0, 1)
+    for entry, run in zip(data["summary"], data["runs"]):  # one seed: mean = the run's value, std 0
+        assert entry["name"] == run["name"]
+        if run["metrics"]["val_loss"] is not None:
+            assert entry["val_loss"] == {"mean": run["metrics"]["val_loss"], "std": 0.0, "n": 1}
+    principled = data["runs"][0]["metrics"]["init_value_std"]
+    assert data["runs"][1]["metrics"]["init_value_std"] == pytest.approx(0.02)
+    assert data["runs"][2]["metrics"]["init_value_std"] == pytest.approx(1.0)
+    assert 0 < principled < 1
+    md = (tmp_path / "init_stability.md").read_text()
+    assert "| run | diverged | val_loss |" in md and "quick=True" in md
+    for ext in ("png", "svg"):
+        path = tmp_path / f"init_stability.{ext}"
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "init_stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_reproduces_metrics_in_process_and_in_workers_and_another_seed_differs(tmp_path):
+    first = run_experiment("memory_access", quick=True, seeds=[0], out_dir=tmp_path / "a", progress=False, verbose=False)
+    again = run_experiment("memory_access", quick=True, seeds=[0], out_dir=tmp_path / "b", progress=False, verbose=False,
+                           workers=2)  # spawned processes, one thread each
+    other = run_experiment("memory_access", quick=True, seeds=[1], out_dir=tmp_path / "c", progress=False, verbose=False)
+    assert again["workers"] == 2
+    assert _non_timing(first) == _non_timing(again)
+    a = {name: m for name, _, m in _non_timing(first)}
+    c = {name: m for name, _, m in _non_timing(other)}
+    assert all(a[n]["val_loss"] != c[n]["val_loss"] for n in a)
+    for name, metrics in a.items():  # the measured access never exceeds the analytic bound
+        for b in (1, 16):
+            assert 1 <= metrics[f"distinct_B{b}"] <= metrics[f"bound_B{b}"] <= metrics[f"population_B{b}"]
+    assert a["moe2"]["distinct_B1"] == 2 and a["moe8"]["distinct_B1"] == 8  # one token: exactly k experts
+    assert a["ultramemv2"]["distinct_B1"] <= 16
