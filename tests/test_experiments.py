@@ -241,3 +241,22 @@ def test_same_seed_reproduces_metrics_in_process_and_in_workers_and_another_seed
             assert 1 <= metrics[f"distinct_B{b}"] <= metrics[f"bound_B{b}"] <= metrics[f"population_B{b}"]
     assert a["moe2"]["distinct_B1"] == 2 and a["moe8"]["distinct_B1"] == 8  # one token: exactly k experts
     assert a["ultramemv2"]["distinct_B1"] <= 16
+
+
+def test_resume_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, monkeypatch):
+    first = run_experiment("init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False)
+    path = tmp_path / "init_stability.json"
+    data = json.loads(path.read_text())
+    data["runs"] = data["runs"][:4]  # as if interrupted after 4 runs
+    data["runs"][0]["metrics"]["val_loss"] = 123.0  # marks a kept run
+    path.write_text(json.dumps(data))
+    module = load_experiment("init_stability")
+    calls = []
+    original = module.run
+    monkeypatch.setattr(module, "run", lambda v, s, q: calls.append(v.name) or original(v, s, q))
+    resumed = run_experiment("init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False,
+                             resume=True)
+    assert calls == [r["name"] for r in first["runs"][4:]]
+    assert resumed["resumed_runs"] == 4
+    assert resumed["runs"][0]["metrics"]["val_loss"] == 123.0
+    assert _non_timing(resumed)[1:] == _non_timing(first)[1:]

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each in its own process with 1 CPU thread (default 1; timings are "
                         "cleanest with 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of an interrupted NAME.json in DIR (same name, seed and config)")
     p.add_argument("--list", action="store_true", help="list the experiments and the claims they test")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in names:
         run_experiment(name, quick=args.quick, seeds=seeds, out_dir=out, progress=not args.no_progress,
-                       workers=args.jobs)
+                       workers=args.jobs, resume=args.resume)
     if len(names) > 1:
         print(f"\nall experiments finished in {time.perf_counter() - started:.0f} s")
     return 0

@@ -315,12 +315,14 @@ def _execute(name: str, jobs: list, quick: bool, workers: int):
 
 def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = None,
                    out_dir: str | Path = "results", progress: bool = True, verbose: bool = True,
-                   workers: int = 1) -> dict:
+                   workers: int = 1, resume: bool = False) -> dict:
     """Run experiment ``name`` for every variant and seed; write JSON, markdown and plots.
 
     Returns the result dict (the JSON's content). ``seeds`` defaults to 1 seed with
     ``quick`` and 3 otherwise. ``workers`` > 1 runs that many jobs at once in separate
     processes (one CPU thread each): the same numbers, except the clock-based ones.
+    ``resume`` keeps the runs of an earlier, interrupted ``NAME.json`` in ``out_dir`` whose
+    name, seed and full config equal a job's, and runs only the others.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers (--jobs) must be a positive integer, got {workers!r}")
@@ -347,9 +349,20 @@ def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = 
     }
     json_path = out_dir / f"{name}.json"
     jobs = [(i, with_seed(v, s), s) for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)]
-    started = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=f"experiment {name}", unit="run", disable=not progress, dynamic_ncols=True)
     done: dict[int, dict] = {}
+    if resume and json_path.exists():
+        earlier = {(r["name"], r["seed"], json.dumps(r["config"], sort_keys=True)): r
+                   for r in json.loads(json_path.read_text()).get("runs", [])}
+        for index, variant, seed in jobs:
+            key = (variant.name, seed, json.dumps(_json_safe(variant.config), sort_keys=True))
+            if key in earlier:
+                done[index] = earlier[key]
+        jobs = [job for job in jobs if job[0] not in done]
+        result["resumed_runs"] = len(done)
+        result["runs"] = [done[i] for i in sorted(done)]
+    started = time.perf_counter()
+    bar = tqdm(total=len(jobs) + len(done), initial=len(done), desc=f"experiment {name}", unit="run",
+               disable=not progress, dynamic_ncols=True)
     for index, entry in _execute(name, jobs, quick, workers):
         done[index] = entry
         result["runs"] = [done[i] for i in sorted(done)]
