@@ -262,6 +262,21 @@ def bar_chart(ax, result: dict, names: list[str], metric: str, labels: Optional[
 # --------------------------------------------------------------------------- running
 
 
+def _config_key(config: Any) -> str:
+    """A run's config as text for ``resume``, with fields added since it ran filled by their defaults.
+
+    A config that :func:`minimem.config.config_from_dict` does not accept is compared as it is.
+    """
+    from minimem.config import config_from_dict
+
+    config = _json_safe(config)
+    try:
+        config = _json_safe(config_from_dict(json.loads(json.dumps(config))).to_dict())
+    except (TypeError, ValueError, KeyError):
+        pass
+    return json.dumps(config, sort_keys=True)
+
+
 def with_seed(variant: Variant, seed: int) -> Variant:
     """A copy of ``variant`` whose config trains with ``seed`` (``train.seed``: init, batches, data)."""
     config = copy.deepcopy(variant.config)
@@ -351,10 +366,10 @@ def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = 
     jobs = [(i, with_seed(v, s), s) for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)]
     done: dict[int, dict] = {}
     if resume and json_path.exists():
-        earlier = {(r["name"], r["seed"], json.dumps(r["config"], sort_keys=True)): r
+        earlier = {(r["name"], r["seed"], _config_key(r["config"])): r
                    for r in json.loads(json_path.read_text()).get("runs", [])}
         for index, variant, seed in jobs:
-            key = (variant.name, seed, json.dumps(_json_safe(variant.config), sort_keys=True))
+            key = (variant.name, seed, _config_key(variant.config))
             if key in earlier:
                 done[index] = earlier[key]
         jobs = [job for job in jobs if job[0] not in done]
