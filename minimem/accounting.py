@@ -245,8 +245,9 @@ def memory_dims(config: ModelConfig) -> dict:
     d_value = mem.d_value or h
     return dict(
         N=mem.n_slots, n=math.isqrt(mem.n_slots), H=mem.heads, m=mem.topk,
-        d_key=mem.d_key or h // 2, d_value=d_value, d_pre=mem.d_pre or d_value // 3,
-        r=mem.rank, c=mem.cores, E=mem.expansion, h=h,
+        d_key=mem.d_key or h // 2, d_value=d_value,
+        d_pre=0 if mem.kind == "ultramemv2" and not mem.pre_values else mem.d_pre or d_value // 3,
+        r=mem.rank, c=mem.cores, E=mem.value_projections if mem.kind == "ultramemv2" else mem.expansion, h=h,
     )
 
 
@@ -329,8 +330,9 @@ def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
         return _router_parameters(config) + 2 * N * h
     if kind == "ultramem":  # own RMSNorm + TDQKR over E N virtual slots + values + E projections
         return h + _tucker_parameters(config, math.isqrt(d["E"]) * n) + N * Dv + d["E"] * Dv * h
-    if kind == "ultramemv2":  # TDQKR over the ring table + W_p (h -> D_p) + W (D_v -> h) + N rows of V, P
-        return _tucker_parameters(config, math.isqrt(_ring_rows(config, layer))) + h * Dp + Dv * h + N * (Dv + Dp)
+    if kind == "ultramemv2":  # TDQKR over the (E x) ring table + W_p (h -> D_p) + W (E D_v -> h) + N rows of V, P
+        n_keys = math.isqrt(d["E"] * _ring_rows(config, layer))
+        return _tucker_parameters(config, n_keys) + h * Dp + d["E"] * Dv * h + N * (Dv + Dp)
     raise ValueError(f"model.memory.kind must be one of pkm, peer, ultramem, ultramemv2, got {kind!r}")
 
 

@@ -16,7 +16,7 @@ from minimem.experiments.runner import (
 )
 from minimem.experiments import setups
 
-NAMES = ("head2head", "density", "ablations", "init_stability", "memory_access", "in_context")
+NAMES = ("head2head", "density", "ablations", "ultramem_ablations", "init_stability", "memory_access", "in_context")
 
 
 # ----------------------------------------------------------------------------- statistics and tables
@@ -160,14 +160,17 @@ def test_ablations_change_what_they_claim():
     assert configs["few_layers"]["model"]["memory"]["layers"] == [1, 3]
     assert configs["init_std0.02"]["model"]["memory"]["value_init"] == "std0.02"
     assert configs["gelu_gate"]["model"]["memory"]["activation"] == "gelu"
+    assert configs["plain_values"]["model"]["memory"]["pre_values"] is False
+    assert configs["per_block_projections"]["model"]["memory"]["value_projections"] == 4
     assert configs["d_key_h/4"]["model"]["memory"]["d_key"] == 32 and configs["d_key_h"]["model"]["memory"]["d_key"] == 128
     target = setups.parameters(configs["baseline"])["activated"]
-    for name in ("few_layers", "d_key_h/4", "d_key_h", "two_heads"):
+    for name in ("few_layers", "d_key_h/4", "d_key_h", "two_heads", "plain_values", "per_block_projections"):
         assert abs(setups.parameters(configs[name])["activated"] - target) / target < 0.01, name
     for name, c in configs.items():  # everything else equals the baseline
         diff = {k for k in base if c["model"]["memory"][k] != base[k]}
-        assert diff <= {"layers", "n_slots", "value_init", "activation", "d_key", "heads", "topk"}, (name, diff)
-    assert set(ablations.NOT_RUN) == {"single_vs_per_block_projection", "plain_values"}
+        assert diff <= {"layers", "n_slots", "value_init", "activation", "d_key", "heads", "topk", "pre_values",
+                        "value_projections"}, (name, diff)
+    assert ablations.NOT_RUN == {}
 
 
 def test_in_context_tasks_fill_the_context():
@@ -260,3 +263,21 @@ def test_resume_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, mon
     assert resumed["resumed_runs"] == 4
     assert resumed["runs"][0]["metrics"]["val_loss"] == 123.0
     assert _non_timing(resumed)[1:] == _non_timing(first)[1:]
+
+
+def test_ultramem_ablations_remove_one_mechanism_each_at_equal_activated_parameters():
+    from minimem.experiments import ultramem_ablations
+
+    configs = {n: c for n, (_, c) in ultramem_ablations.ablation_configs().items()}
+    base = configs["baseline"]
+    mem = {n: c["model"]["memory"] for n, c in configs.items()}
+    assert mem["baseline"]["softmax"] is False and mem["softmax"]["softmax"] is True
+    assert (mem["baseline"]["cores"], mem["one_core"]["cores"]) == (2, 1)
+    assert (mem["baseline"]["expansion"], mem["no_ive"]["expansion"]) == (4, 1)
+    assert (mem["baseline"]["rank"], mem["rank1"]["rank"]) == (2, 1)
+    assert base["train"]["value_lr_mult"] == 4.0 and configs["value_lr_1x"]["train"]["value_lr_mult"] == 1.0
+    target = setups.parameters(base)["activated"]
+    for name, c in configs.items():
+        assert abs(setups.parameters(c)["activated"] - target) / target < 0.01, name
+        changed = {k for k in mem["baseline"] if mem[name][k] != mem["baseline"][k]}
+        assert len(changed) <= 1, (name, changed)  # one mechanism at a time

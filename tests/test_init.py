@@ -12,6 +12,7 @@ from minimem.memory.init import (
     linear_std,
     memory_output_variance,
     paper_ffn_variance,
+    plain_value_std,
     principled_value_std,
     printed_value_std,
     swiglu_output_variance,
@@ -152,3 +153,20 @@ def test_gpt_memory_branch_matches_the_ffn_branch():
         for block in model.blocks:
             ratio = block.memory(x).std().item() / block.ffn(x).std().item()
             assert 0.8 < ratio < 1.2, ratio
+
+
+@pytest.mark.parametrize("d_value,topk,heads", [(48, 16, 1), (96, 8, 2)])
+def test_plain_values_ablation_matches_the_ffn_variance(d_value, topk, heads):
+    """Without pre-values sigma_V enters once: sigma_V^2 = sigma_ffn^2 h / (0.4 (1 + sigma_s^2) m H D_v)."""
+    torch.manual_seed(5)
+    x = unit_inputs(4096, 128).view(1, 4096, 128)
+    cfg = v2_config(d_value=d_value, topk=topk, heads=heads, pre_values=False)
+    layer = UltraMemV2(cfg, 1)
+    assert layer.pre_values is None and layer.pre_proj is None
+    assert layer.value_std == pytest.approx(
+        plain_value_std(ffn_output_variance(cfg), layer.sigma_s, d_value, topk, heads, 128, layer.score_mean))
+    with torch.no_grad():
+        measured = layer(x).var().item()
+    assert measured / ffn_output_variance(cfg) == pytest.approx(1.0, abs=0.2)
+    with pytest.raises(ValueError, match="d_value must be > 0"):
+        plain_value_std(1.0, 0.5, 0, topk, heads, 128)

@@ -35,48 +35,63 @@ ACT = {"none": lambda g: g, "gelu": torch.nn.functional.gelu, "relu": torch.relu
 
 
 def loop_ultramemv2(layer, x):
-    """o = W^T sum_i s_i act(<P_i, W_p x>) V_i per core slice, token by token; rows on the ring window."""
+    """o = W^T sum_i s_i act(<P_i, W_p x>) V_i per core slice, token by token; rows on the ring window.
+
+    Plain-values ablation: the gate is 1. E value projections (IVE ablation): virtual slot v is
+    block v // rows, row v % rows, and slot i's read goes into block e's D_v-wide part of W's input.
+    """
     B, T, h = x.shape
-    c, Dv = layer.n_cores, layer.d_value
+    c, Dv, E = layer.n_cores, layer.d_value, layer.projections
     width = Dv // c
     act = ACT[layer.activation]
     out = torch.zeros(B, T, h, dtype=x.dtype)
     rows_read = []
     for b in range(B):
         for t in range(T):
-            px = layer.pre_proj.weight @ x[b, t]
-            read = torch.zeros(Dv, dtype=x.dtype)
+            px = layer.pre_proj.weight @ x[b, t] if layer.pre_values is not None else None
+            read = torch.zeros(E * Dv, dtype=x.dtype)
             token_rows = []
             for scores, slot in loop_tucker(layer.retrieval, x[b, t].tolist()):
-                row = (int(layer.shuffle[slot]) + layer.offset) % layer.table_rows
+                virtual = int(layer.shuffle[slot])
+                block, row = divmod(virtual, layer.table_rows)
+                row = (row + layer.offset) % layer.table_rows
                 token_rows.append(row)
-                gate = act(torch.dot(layer.pre_values[row], px))
+                gate = act(torch.dot(layer.pre_values[row], px)) if px is not None else 1.0
                 for k in range(c):
-                    read[k * width:(k + 1) * width] += scores[k] * gate * layer.values[row, k * width:(k + 1) * width]
+                    read[block * Dv + k * width:block * Dv + (k + 1) * width] += (
+                        scores[k] * gate * layer.values[row, k * width:(k + 1) * width])
             out[b, t] = layer.out_proj.weight @ read
             rows_read.append(sorted(token_rows))
     return out, rows_read
 
 
-@pytest.mark.parametrize("activation,heads", [("none", 2), ("gelu", 1)])
-def test_forward_matches_loop_reference(activation, heads):
+@pytest.mark.parametrize("activation,heads,ablation", [
+    ("none", 2, {}), ("gelu", 1, {}),
+    ("none", 2, {"pre_values": False}),  # change 3 undone: plain values
+    ("none", 1, {"value_projections": 4}),  # change 2 undone: UltraMem's E per-block projections
+    ("gelu", 2, {"value_projections": 4, "ring_group": 4, "n_slots": 4, "topk": 2}),
+])
+def test_forward_matches_loop_reference(activation, heads, ablation):
     torch.manual_seed(0)
-    layer = UltraMemV2(tiny_config(activation=activation, heads=heads), 1).double()
+    layer = UltraMemV2(tiny_config(n_layer=2 + 2 * ("ring_group" in ablation), activation=activation, heads=heads,
+                                   **ablation), 1).double()
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     with torch.no_grad():
         out = layer(x)
     ref, rows = loop_ultramemv2(layer, x)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
-    assert [sorted(r) for r in layer.last_indices.view(-1, heads * 3).tolist()] == rows
+    assert [sorted(r) for r in layer.last_indices.view(-1, heads * layer.topk).tolist()] == rows
 
 
 def test_gradcheck_float64():
     torch.manual_seed(1)
-    for activation in ("none", "relu"):
-        layer = UltraMemV2(tiny_config(activation=activation), 0).double()
+    for activation, ablation in (("none", {}), ("relu", {}), ("none", {"pre_values": False, "value_projections": 4})):
+        layer = UltraMemV2(tiny_config(activation=activation, **ablation), 0).double()
         names = [n for n, _ in layer.named_parameters()]
-        assert {"value_table.values", "value_table.pre_values", "pre_proj.weight", "out_proj.weight",
-                "retrieval.cores", "retrieval.keys", "retrieval.query.weight"} <= set(names)
+        expected = {"value_table.values", "out_proj.weight", "retrieval.cores", "retrieval.keys",
+                    "retrieval.query.weight"}
+        assert expected <= set(names)
+        assert ({"value_table.pre_values", "pre_proj.weight"} <= set(names)) == ("pre_values" not in ablation)
         params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
         x = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
 
@@ -198,6 +213,25 @@ def test_errors_name_the_field():
         tiny_config(value_init="xavier")
     with pytest.raises(ValueError, match="layer 1 is not a memory layer"):
         UltraMemV2(tiny_config(layers=[0]), 1)
+    with pytest.raises(ValueError, match=r"model.memory.value_projections must be a perfect square >= 1 \(1, 4, 9"):
+        tiny_config(value_projections=2)
+    with pytest.raises(ValueError, match=r"model.memory.pre_values must be a boolean \(true/false\), got 'maybe'"):
+        tiny_config(pre_values="maybe")
+
+
+@pytest.mark.parametrize("ablation", [{"pre_values": False}, {"value_projections": 4}])
+def test_ablation_switches_keep_accounting_exact(ablation):
+    """Counted parameters and FLOPs of the ablated layer equal the formulas of ``minimem.accounting``."""
+    from minimem.accounting import analytic_parameters, count_parameters
+
+    cfg = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml",
+                      [f"model.memory.{k}={str(v).lower()}" for k, v in ablation.items()]).model
+    model = GPT(cfg)
+    assert count_parameters(model)["total"] == analytic_parameters(cfg)["total"]
+    x = torch.randn(2, 32, cfg.n_embd)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.blocks[0].memory(x)
+    assert sum(memory_flops_per_token(cfg, 0).values()) == pytest.approx(counter.get_total_flops() / 64, rel=0.05)
 
 
 # --------------------------------------------------------------------------- config and training

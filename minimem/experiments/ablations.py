@@ -7,10 +7,10 @@ rebalancing of change 5 is exactly this trade: a wider D_k costs FFN width).
 
 1. memory every block vs a few: ``memory.layers = [1, 3]``, each of the two tables with twice
    the slots (rounded to a perfect square), so they hold the baseline's value parameters;
-2. single vs per-block projection: **not run**, UltraMemV2 has no switch for UltraMem's E
-   projections (see ``NOT_RUN``);
-3. pre-values vs plain values: **not run**, ``memory.d_pre`` must be >= 1 (``NOT_RUN``);
-   the gate activation variant (``activation = gelu``, SPEC §4.3) is run instead;
+2. single vs per-block projection: ``memory.value_projections = 4``, UltraMem's implicit value
+   expansion with E = 4 projections (the key grid addresses 4 N virtual slots);
+3. pre-values vs plain values: ``memory.pre_values = false`` (o = W^T sum_i s_i V_i, its own
+   principled std); and the gate activation the paper dropped (``activation = gelu``, SPEC §4.3);
 4. principled vs std-0.02 init (and the printed sigma_V^2 formula, ``value_init = paper``);
 5. D_k = h/2 vs smaller (h/4) and larger (h); one head vs two heads with half D_k and m
    ([UM2]: one head with doubled D_k and m beat two heads).
@@ -32,13 +32,7 @@ FULL = dict(steps=300, eval_iters=20)
 QUICK = dict(steps=3, eval_iters=1)
 TABLE = [("val_loss", ".3f"), ("train_loss", ".3f"), ("params_activated", ",.0f"), ("params_total", ",.0f")]
 BASELINE = "ultramemv2"
-NOT_RUN = {
-    "single_vs_per_block_projection": "UltraMemV2 (minimem/memory/ultramemv2.py) always uses one projection W "
-        "(D_v -> h); no config field selects UltraMem's E per-block projections (implicit value expansion) "
-        "inside UltraMemV2, so this ablation needs a switch there (e.g. memory.expansion > 1 honoured by ultramemv2).",
-    "plain_values": "MemoryConfig.d_pre = 0 means the default D_v/3 and UltraMemV2 requires D_p >= 1; no switch "
-        "turns the pre-value gate <P_i, W_p x> off (e.g. a memory.pre_values: bool field).",
-}
+NOT_RUN: dict[str, str] = {}  # every change has its variant
 
 
 def _refit(base: dict, config: dict) -> dict:
@@ -61,6 +55,9 @@ def ablation_configs() -> dict[str, tuple[str, dict]]:
         "baseline": ("none", base),
         "few_layers": ("1: memory every block", _refit(base, override(
             base, **{"model.memory.layers": few, "model.memory.n_slots": few_slots}))),
+        "per_block_projections": ("2: one projection", _refit(base, override(
+            base, **{"model.memory.value_projections": 4}))),
+        "plain_values": ("3: pre-values", _refit(base, override(base, **{"model.memory.pre_values": False}))),
         "gelu_gate": ("3: no activation on the pre-value gate", override(base, **{"model.memory.activation": "gelu"})),
         "init_std0.02": ("4: principled init", override(base, **{"model.memory.value_init": "std0.02"})),
         "init_paper_formula": ("4: principled init", override(base, **{"model.memory.value_init": "paper"})),

@@ -39,6 +39,7 @@ EXPERIMENTS = {
     "head2head": "minimem.experiments.head2head",
     "density": "minimem.experiments.density",
     "ablations": "minimem.experiments.ablations",
+    "ultramem_ablations": "minimem.experiments.ultramem_ablations",
     "init_stability": "minimem.experiments.init_stability",
     "memory_access": "minimem.experiments.memory_access",
     "in_context": "minimem.experiments.in_context",

@@ -36,6 +36,9 @@ class MemoryConfig:
     ring_group: int = 1  # ultramemv2: layers per group sharing one value table in a ring
     value_init: str = "principled"  # ultramemv2 value/pre-value init; pkm uses N(0, D_v^-1/2)
     sigma_s: float = 0.0  # ultramemv2 top-m score spread; 0 -> estimated by Monte Carlo at init
+    # Ablation switches of UltraMemV2's changes 2 and 3 ([UM2] §4; the defaults are the paper's layer):
+    pre_values: bool = True  # ultramemv2: False -> plain values, o = W^T sum_i s_i V_i (no P, no W_p)
+    value_projections: int = 1  # ultramemv2: E > 1 (a perfect square) -> UltraMem's E per-block projections
 
     def validate(self, model) -> None:  # model: ModelConfig
         if self.kind not in MEMORY_KINDS:
@@ -63,6 +66,13 @@ class MemoryConfig:
         if d_value % self.cores != 0:
             raise ValueError(
                 f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}"
+            )
+        if not isinstance(self.pre_values, bool):
+            raise ValueError(f"model.memory.pre_values must be true or false, got {self.pre_values!r}")
+        root = math.isqrt(self.value_projections) if self.value_projections > 0 else 0
+        if self.value_projections < 1 or root * root != self.value_projections:
+            raise ValueError(
+                f"model.memory.value_projections must be a perfect square >= 1 (1, 4, 9, ...), got {self.value_projections}"
             )
         if self.query_norm not in QUERY_NORMS:
             raise ValueError(f"model.memory.query_norm must be one of {QUERY_NORMS}, got {self.query_norm!r}")

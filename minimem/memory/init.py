@@ -148,6 +148,24 @@ def printed_value_std(
     return _variance_ratio(target_variance, sigma_s, d_pre, d_value, topk, heads, dim, score_mean) ** 0.5
 
 
+def plain_value_std(
+    target_variance: float, sigma_s: float, d_value: int, topk: int, heads: int, dim: int, score_mean: float = 1.0,
+) -> float:
+    """Value std without pre-values (ablation): o = W^T sum_i s_i V_i has variance
+    0.4 mu^2 (1 + sigma_s^2) sigma_V^2 m H D_v / h, so sigma_V^2 = sigma_ffn^2 h / (0.4 mu^2 (1 + sigma_s^2) m H D_v).
+
+    The same derivation as the module docstring with the gate <P_i, px> removed: sigma_V enters once.
+    """
+    for name, value in (("target_variance", target_variance), ("d_value", d_value), ("topk", topk),
+                        ("heads", heads), ("dim", dim), ("score_mean", score_mean)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if sigma_s < 0:
+        raise ValueError(f"sigma_s must be >= 0, got {sigma_s}")
+    second_moment = score_mean**2 * (1.0 + sigma_s**2)
+    return math.sqrt(target_variance * dim / (LINEAR_GAIN * second_moment * topk * heads * d_value))
+
+
 @torch.no_grad()
 def estimate_score_moments(retrieval, n_tokens: int = 4096, seed: int = 0) -> tuple[float, float]:
     """Monte Carlo (mean, sigma_s) of the per-core top-m scores of ``retrieval`` on N(0, I) inputs.
@@ -171,5 +189,5 @@ def estimate_score_moments(retrieval, n_tokens: int = 4096, seed: int = 0) -> tu
 
 __all__ = [
     "LINEAR_GAIN", "GPT2_STD", "linear_std", "paper_ffn_variance", "swiglu_output_variance", "ffn_output_variance",
-    "memory_output_variance", "principled_value_std", "printed_value_std", "estimate_score_moments",
+    "memory_output_variance", "principled_value_std", "printed_value_std", "plain_value_std", "estimate_score_moments",
 ]

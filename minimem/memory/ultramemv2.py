@@ -32,6 +32,14 @@ creates the table (a :class:`RingValueTable` registered as its submodule ``value
 the others of the same model reuse that very module, unregistered (parameters, state_dict and
 optimiser see it once). Layers must therefore be built in order, as ``GPT`` does.
 
+Ablation switches (defaults give the paper's layer): ``memory.pre_values = false`` removes change
+3 (plain values, o = W^T sum_i s_i V_i: no P, no W_p; the principled std is then
+:func:`minimem.memory.init.plain_value_std`, sigma_V entering the output once);
+``memory.value_projections = E > 1`` undoes change 2 with UltraMem's implicit value expansion:
+the key grid addresses E x rows virtual slots, the shuffle maps a virtual slot to (block, row),
+the reads are pooled per block and W is E projections side by side (E D_v -> h), exactly as
+:class:`minimem.memory.ultramem.UltraMem` does.
+
 ``value_init``: ``"principled"`` (fourth root, derived), ``"paper"`` (the formula as printed:
 sigma_V^2 = the same right-hand side), ``"std0.02"`` (the official code), ``"naive"`` (N(0, 1)).
 Only the table std differs between them; the other weights follow item 4 in all four.
@@ -54,6 +62,7 @@ from minimem.memory.init import (
     estimate_score_moments,
     ffn_output_variance,
     linear_std,
+    plain_value_std,
     principled_value_std,
     printed_value_std,
 )
@@ -67,15 +76,21 @@ _RING_TABLES: "weakref.WeakValueDictionary[tuple[int, int], RingValueTable]" = w
 
 
 class RingValueTable(nn.Module):
-    """Value rows V (rows, D_v) and pre-value rows P (rows, D_p) shared by one ring group."""
+    """Value rows V (rows, D_v) and pre-value rows P (rows, D_p) shared by one ring group.
+
+    ``d_pre = 0`` (the plain-values ablation): no P, ``pre_values`` is None.
+    """
 
     def __init__(self, rows: int, d_value: int, d_pre: int, layers: tuple[int, ...]):
         super().__init__()
         self.layers = layers
         self.values = nn.Parameter(torch.empty(rows, d_value))
-        self.pre_values = nn.Parameter(torch.empty(rows, d_pre))
         self.values.is_memory_value = True
-        self.pre_values.is_memory_value = True
+        if d_pre > 0:
+            self.pre_values = nn.Parameter(torch.empty(rows, d_pre))
+            self.pre_values.is_memory_value = True
+        else:
+            self.pre_values = None
 
 
 def ring_groups(config) -> list[list[int]]:
@@ -86,9 +101,11 @@ def ring_groups(config) -> list[list[int]]:
 
 
 def widths(config) -> tuple[int, int, int]:
-    """(D_k, D_v, D_p) with the defaults h/2, h, D_v/3 filled in."""
+    """(D_k, D_v, D_p) with the defaults h/2, h, D_v/3 filled in; D_p = 0 with ``pre_values`` off."""
     mem, h = config.memory, config.n_embd
     d_value = mem.d_value or h
+    if not mem.pre_values:
+        return mem.d_key or h // 2, d_value, 0
     d_pre = mem.d_pre or d_value // 3
     if d_pre < 1:
         raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {d_pre}")
@@ -116,25 +133,30 @@ class UltraMemV2(nn.Module):
             raise ValueError(f"model.memory.activation must be 'none' or one of {tuple(GATE_ACTIVATIONS)}, got {mem.activation!r}")
         self.activation = mem.activation
         self.table_rows = len(group) * mem.n_slots
+        self.projections = mem.value_projections  # E: 1 in UltraMemV2, > 1 for the IVE ablation
         n_keys = square_root(
-            self.table_rows,
-            f"model.memory.ring_group x model.memory.n_slots (the ring table of this {len(group)}-layer group, "
-            f"addressed by a square key grid; use ring_group in 1, 4, 9, ...)",
+            self.projections * self.table_rows,
+            f"model.memory.value_projections x model.memory.ring_group x model.memory.n_slots (the virtual slots "
+            f"of this {len(group)}-layer group, addressed by a square key grid; use ring_group in 1, 4, 9, ...)",
         )
         self.offset = group.index(layer) * mem.n_slots
         self.retrieval = TuckerRetrieval(h, n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax)
-        self.pre_proj = nn.Linear(h, self.d_pre, bias=False)  # W_p
-        self.out_proj = nn.Linear(self.d_value, h, bias=False)  # W
+        self.pre_proj = nn.Linear(h, self.d_pre, bias=False) if self.d_pre else None  # W_p
+        self.out_proj = nn.Linear(self.projections * self.d_value, h, bias=False)  # W (E blocks side by side)
         key = (id(config), group[0])
         shared = _RING_TABLES.get(key) if layer != group[0] else None
-        if shared is None or shared.values.shape != (self.table_rows, self.d_value):
+        pre_shape = None if shared is None or shared.pre_values is None else tuple(shared.pre_values.shape)
+        if (shared is None or shared.values.shape != (self.table_rows, self.d_value)
+                or pre_shape != ((self.table_rows, self.d_pre) if self.d_pre else None)):
             self.value_table = RingValueTable(self.table_rows, self.d_value, self.d_pre, self.group)
             _RING_TABLES[key] = self.value_table
             self.owns_table = True
         else:
             self.__dict__["_ring_table"] = shared  # plain attribute: not registered a second time
             self.owns_table = False
-        self.register_buffer("shuffle", seeded_permutation(self.table_rows, SHUFFLE_SEED + 104729 + layer))
+        self.register_buffer(
+            "shuffle", seeded_permutation(self.projections * self.table_rows, SHUFFLE_SEED + 104729 + layer)
+        )
         self.register_buffer("usage_counts", torch.zeros(self.table_rows, dtype=torch.long), persistent=False)
         self.last_indices = None
         self.last_scores = None
@@ -150,7 +172,7 @@ class UltraMemV2(nn.Module):
         return self.table.values
 
     @property
-    def pre_values(self) -> nn.Parameter:
+    def pre_values(self):  # None in the plain-values ablation
         return self.table.pre_values
 
     # ----------------------------------------------------------------- initialisation
@@ -159,7 +181,8 @@ class UltraMemV2(nn.Module):
         h, mem = self.config.n_embd, self.config.memory
         std = linear_std(h)
         self.retrieval.init_weights(query_std=std, key_std=(self.d_key // 2) ** -0.5, norm_gain=1.0)
-        nn.init.normal_(self.pre_proj.weight, 0.0, std)
+        if self.pre_proj is not None:
+            nn.init.normal_(self.pre_proj.weight, 0.0, std)
         nn.init.normal_(self.out_proj.weight, 0.0, std)
         mean, sigma_s = estimate_score_moments(self.retrieval, MC_TOKENS, seed=SHUFFLE_SEED + self.layer)
         if not mem.softmax:  # calibrate: mean top-m score 1 (softmax scores are fixed to sum to 1)
@@ -170,7 +193,8 @@ class UltraMemV2(nn.Module):
         self.value_std = self.table_std()
         if self.owns_table:
             nn.init.normal_(self.table.values, 0.0, self.value_std)
-            nn.init.normal_(self.table.pre_values, 0.0, self.value_std)
+            if self.table.pre_values is not None:
+                nn.init.normal_(self.table.pre_values, 0.0, self.value_std)
 
     def table_std(self) -> float:
         """The value / pre-value std that ``memory.value_init`` asks for."""
@@ -179,6 +203,9 @@ class UltraMemV2(nn.Module):
             return 0.02
         if mode == "naive":
             return 1.0
+        if not self.d_pre and mode in ("principled", "paper"):  # plain values: sigma_V enters once, no 2nd vs 4th root
+            return plain_value_std(ffn_output_variance(self.config), self.sigma_s, self.d_value, self.topk,
+                                   self.heads, self.config.n_embd, self.score_mean)
         args = (ffn_output_variance(self.config), self.sigma_s, self.d_pre, self.d_value, self.topk, self.heads,
                 self.config.n_embd, self.score_mean)
         if mode == "principled":
@@ -199,17 +226,30 @@ class UltraMemV2(nn.Module):
         flat = x.reshape(B * T, h)
         scores, slots = self.retrieval(flat)  # (BT, Hm, c), (BT, Hm)
         rows = self.shuffle[slots]
+        if self.projections > 1:  # IVE ablation: a virtual slot is (block, row)
+            block, rows = rows // self.table_rows, rows % self.table_rows
         if self.offset:  # the layer's window on the ring starts at its offset and wraps
             rows = (rows + self.offset) % self.table_rows
-        px = self.pre_proj(flat)  # (BT, D_p)
         table = self.table
-        if self.activation == "none":
-            read = memory_lookup(table.values, rows, scores, table.pre_values, px)
+        px = self.pre_proj(flat) if self.pre_proj is not None else None  # (BT, D_p)
+        if px is None or self.activation == "none":
+            weights, pre_values = scores, table.pre_values
         else:  # ablation: act(<P_i, px>) needs the gate outside the fused lookup
             ones = scores.new_ones(rows.numel(), 1, 1)
             pre_rows = memory_lookup(table.pre_values, rows.reshape(-1, 1), ones).view(B * T, -1, self.d_pre)
             gate = GATE_ACTIVATIONS[self.activation](torch.einsum("tmd,td->tm", pre_rows, px))
-            read = memory_lookup(table.values, rows, scores * gate.unsqueeze(-1))
+            weights, pre_values, px = scores * gate.unsqueeze(-1), None, None
+        if self.projections == 1:
+            read = memory_lookup(table.values, rows, weights, pre_values, px)
+        else:  # one lookup row per (token, slot) pair, summed into its (token, block) bucket, as UltraMem
+            k = rows.shape[1]
+            pairs = memory_lookup(
+                table.values, rows.reshape(-1, 1), weights.reshape(-1, 1, self.n_cores), pre_values,
+                None if px is None else px.repeat_interleave(k, dim=0),
+            )
+            bucket = (torch.arange(B * T, device=x.device).unsqueeze(1) * self.projections + block).reshape(-1)
+            read = pairs.new_zeros(B * T * self.projections, self.d_value).index_add(0, bucket, pairs)
+            read = read.view(B * T, self.projections * self.d_value)
         usage_update(self.usage_counts, rows)
         self.last_indices = rows.detach().view(B, T, -1)
         self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
@@ -229,7 +269,7 @@ def memory_flops_per_token(config, layer: int) -> dict[str, int]:
     group = next((g for g in ring_groups(config) if layer in g), None)
     if group is None:
         raise ValueError(f"layer {layer} is not a memory layer: model.memory.layers resolves to {sorted(memory_layers(config))}")
-    n_keys = math.isqrt(len(group) * mem.n_slots)
+    n_keys = math.isqrt(mem.value_projections * len(group) * mem.n_slots)
     H, r, c, m = mem.heads, mem.rank, mem.cores, mem.topk
     return {
         "query": 2 * h * H * r * d_key,  # W_q: h -> H r (D_k/2 + D_k/2)
@@ -237,10 +277,10 @@ def memory_flops_per_token(config, layer: int) -> dict[str, int]:
         "candidates": 4 * H * r * n_keys,  # u^T S_row and t^T S_col
         "grid": 2 * H * (m * r * r + m * m * r),  # rescoring the m x m grid with the full core
         "core_scores": 2 * H * m * c * (r * r + r),  # each core's score at the m chosen slots
-        "pre_proj": 2 * h * d_pre,  # W_p
+        "pre_proj": 2 * h * d_pre,  # W_p (0 without pre-values)
         "gate": 2 * H * m * d_pre,  # <P_i, px>
         "values": 2 * H * m * d_value,  # sum_i s_i g_i V_i
-        "out_proj": 2 * d_value * h,  # W
+        "out_proj": 2 * mem.value_projections * d_value * h,  # W (E projections in the IVE ablation)
     }
 
 
