@@ -225,9 +225,6 @@ def access_structure(model: nn.Module) -> _Structure:
     return _Structure(by_part, activated, dense, moe_layers, mem_layers)
 
 
-_structure = access_structure  # older name, kept for callers
-
-
 def count_parameters(model_or_config: Union[nn.Module, ModelConfig]) -> dict:
     """``dict(total, activated, by_part, activated_by_part)`` (see the module docstring)."""
     s = access_structure(_as_model(model_or_config))

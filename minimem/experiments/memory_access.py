@@ -37,9 +37,9 @@ def variants(quick: bool) -> list[Variant]:
 
 def routed_units(model) -> list[tuple[torch.Tensor, int, int, int]]:
     """Per routed layer: (ids of the last forward (B, T, r), population, reads per token, bytes per unit)."""
-    from minimem.accounting import _structure, memory_modules, moe_modules
+    from minimem.accounting import access_structure, memory_modules, moe_modules
 
-    s = _structure(model)
+    s = access_structure(model)
     out = []
     for module, layer in zip(moe_modules(model), s.moe):
         ids = module.last_indices
@@ -54,7 +54,7 @@ def routed_units(model) -> list[tuple[torch.Tensor, int, int, int]]:
 @torch.no_grad()
 def measure_access(model, dataset, batch: int, seed: int) -> dict:
     """Distinct units touched by the last position of ``batch`` validation windows, per layer and in bytes."""
-    from minimem.accounting import _structure, bytes_read, expected_distinct
+    from minimem.accounting import access_structure, bytes_read, expected_distinct
 
     gen = torch.Generator().manual_seed(seed)
     x, _ = dataset.get_batch("val", batch, gen)
@@ -71,7 +71,7 @@ def measure_access(model, dataset, batch: int, seed: int) -> dict:
         uniform.append(expected_distinct(pop, reads, B))
         unit_bytes += d * width_bytes
     analytic = bytes_read(model, B)
-    dense = _structure(model).dense * 4
+    dense = access_structure(model).dense * 4
     mean = lambda v: sum(v) / len(v)
     return {
         "distinct": mean(distinct), "population": mean(population), "bound": mean(bound),

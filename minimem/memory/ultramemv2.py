@@ -296,14 +296,15 @@ def ffn_flops_per_token(config) -> int:
 def mcp_percent(config) -> float:
     """Memory's share of compute per token, 100 FLOPs_mem / (FLOPs_mem + FLOPs_FFN), whole model.
 
-    [UM2] §4.5's MCP: best about 17%, which gave the rule D_k = h/2.
+    [UM2] §4.5's MCP: best about 17%, which gave the rule D_k = h/2. The count is
+    :func:`minimem.accounting.mcp_percent`'s (the FLOPs above); this entry point insists on UltraMemV2.
     """
+    from minimem.accounting import mcp_percent as model_mcp_percent
+
     config.validate()
     if config.memory.kind != "ultramemv2":
         raise ValueError(f"mcp_percent needs model.memory.kind='ultramemv2', got {config.memory.kind!r}")
-    memory = sum(sum(memory_flops_per_token(config, layer).values()) for layer in memory_layers(config))
-    ffn = config.n_layer * ffn_flops_per_token(config)
-    return 100.0 * memory / (memory + ffn)
+    return model_mcp_percent(config)
 
 
 __all__ = [
