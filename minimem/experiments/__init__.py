@@ -1,5 +1,8 @@
 """``minimem experiment NAME [--quick] [--seeds K] [--out DIR]``: reproduce the papers' claims at toy scale.
 
+``minimem experiment report [--out DIR]`` writes DIR/README.md (default ``results/``): every paper
+claim the experiments test, its toy-scale outcome and a verdict (:mod:`minimem.experiments.claims`).
+
 Each experiment (see ``--list``) trains and measures a set of variants over K seeds and
 writes ``NAME.json`` (every run's config, seed, metrics and wall time, the git commit, and
 mean / std / n per variant), ``NAME.md`` (the table) and its plots (PNG and SVG) to DIR.
@@ -17,7 +20,7 @@ from minimem.experiments.runner import EXPERIMENTS, load_experiment, run_experim
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimem experiment", description=__doc__.split("\n")[0])
-    p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, or all")
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, all, or report (the claims table)")
     p.add_argument("--quick", action="store_true", help="1 seed (unless --seeds), few steps: checks the pipeline")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds K (seeds 0..K-1); default 3, 1 with --quick")
     p.add_argument("--out", default=None, help="output folder (default results/, or runs/experiments-quick with --quick)")
@@ -37,15 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in EXPERIMENTS:
             print(f"{name:<15} {load_experiment(name).CLAIM}")
         print(f"{'all':<15} every experiment above, in this order")
+        print(f"{'report':<15} results/README.md: every claim tested, its outcome and verdict")
         return 0
     if args.name is None:
         build_parser().print_usage(sys.stderr)
         print("minimem experiment: give an experiment NAME or --list", file=sys.stderr)
         return 2
+    if args.name == "report":
+        from minimem.experiments.claims import write_report
+
+        print(f"wrote {write_report(args.out or 'results')}")
+        return 0
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     if args.name != "all" and args.name not in EXPERIMENTS:
         print(f"minimem experiment: unknown experiment {args.name!r}; choose one of "
-              f"{', '.join(EXPERIMENTS)}, all", file=sys.stderr)
+              f"{', '.join(EXPERIMENTS)}, all, report", file=sys.stderr)
         return 2
     try:
         seeds = seeds_for(args.seeds if args.seeds is not None else (1 if args.quick else 3))
