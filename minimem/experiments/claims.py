@@ -368,6 +368,21 @@ def report(results_dir: Path | str = REPO_ROOT / "results") -> str:
                   f"**{r:.2f}x** wall, {c:.2f}x thread CPU: the target is "
                   f"{'met' if r <= 1.3 else 'missed'}. Where the time goes, per module and per operator: "
                   "[head2head_profile.txt](head2head_profile.txt); `minimem bench step` re-measures it.", ""]
+        parts = step.get("block0_fwd_bwd_ms", {})
+        if "ultramemv2" in parts and "dense" in parts:
+            lines += ["Block 0, forward + backward on one batch (ms, median):", "",
+                      "| part | dense | UltraMemV2 |", "| --- | --- | --- |"]
+            names = list(dict.fromkeys(list(parts["dense"]) + list(parts["ultramemv2"])))
+            for part in names:
+                d, u = parts["dense"].get(part), parts["ultramemv2"].get(part)
+                lines.append(f"| {part.strip()} | {'' if d is None else f'{d:.2f}'} | {'' if u is None else f'{u:.2f}'} |")
+            lines += ["", "Reading: the memory adds its retrieval (the query projection, rank-wise sub-key scores and "
+                      "three `torch.topk` calls per layer over 768 short rows, whose per-row cost dominates on a CPU) "
+                      "and a lookup whose eager form materialises the (T, m, D_v) gathered rows and multiplies them "
+                      "elementwise forward and backward; the narrower FFN gives back less than that. What would fix "
+                      "it: a fused top-k and gather-weight-sum (what the Triton kernel does on a GPU, chapter 7) as a "
+                      "CPU kernel, or fewer, larger memory reads (memory in fewer blocks, ablation 11), which the "
+                      "paper's design trades for quality.", ""]
     else:
         lines += ["Not measured yet (it is written when `minimem experiment head2head` finishes).", ""]
     lines += ["## Tally", "", ", ".join(f"{n} {v}" for v, n in counts.items()) + f" (of {number} claims).", ""]
