@@ -35,7 +35,7 @@ BASELINE = "ultramemv2"
 NOT_RUN: dict[str, str] = {}  # every change has its variant
 
 
-def _refit(base: dict, config: dict) -> dict:
+def refit(base: dict, config: dict) -> dict:
     """``config`` with its FFN width refitted to the baseline's activated parameters."""
     target = parameters(base)["activated"]
     return match_parameters(config, "model.ffn_hidden", target, "activated", start=get(config, "model.ffn_hidden"))
@@ -53,17 +53,17 @@ def ablation_configs() -> dict[str, tuple[str, dict]]:
     topk = get(base, "model.memory.topk")
     out = {
         "baseline": ("none", base),
-        "few_layers": ("1: memory every block", _refit(base, override(
+        "few_layers": ("1: memory every block", refit(base, override(
             base, **{"model.memory.layers": few, "model.memory.n_slots": few_slots}))),
-        "per_block_projections": ("2: one projection", _refit(base, override(
+        "per_block_projections": ("2: one projection", refit(base, override(
             base, **{"model.memory.value_projections": 4}))),
-        "plain_values": ("3: pre-values", _refit(base, override(base, **{"model.memory.pre_values": False}))),
+        "plain_values": ("3: pre-values", refit(base, override(base, **{"model.memory.pre_values": False}))),
         "gelu_gate": ("3: no activation on the pre-value gate", override(base, **{"model.memory.activation": "gelu"})),
         "init_std0.02": ("4: principled init", override(base, **{"model.memory.value_init": "std0.02"})),
         "init_paper_formula": ("4: principled init", override(base, **{"model.memory.value_init": "paper"})),
-        "d_key_h/4": ("5: D_k = h/2", _refit(base, override(base, **{"model.memory.d_key": h // 4}))),
-        "d_key_h": ("5: D_k = h/2", _refit(base, override(base, **{"model.memory.d_key": h}))),
-        "two_heads": ("5: one head", _refit(base, override(
+        "d_key_h/4": ("5: D_k = h/2", refit(base, override(base, **{"model.memory.d_key": h // 4}))),
+        "d_key_h": ("5: D_k = h/2", refit(base, override(base, **{"model.memory.d_key": h}))),
+        "two_heads": ("5: one head", refit(base, override(
             base, **{"model.memory.heads": 2, "model.memory.d_key": d_key // 2, "model.memory.topk": max(1, topk // 2)}))),
     }
     return out
@@ -80,7 +80,11 @@ def run(variant: Variant, seed: int, quick: bool) -> dict:
     return metrics
 
 
-def notes(result: dict) -> list[str]:
+def verdict_notes(result: dict, subject: str) -> list[str]:
+    """One line per variant: its val loss against the baseline's, and whether ``subject`` helps.
+
+    The change 'helps' when undoing it raises the loss by more than the spread over seeds.
+    """
     base = stat(result, "baseline", "val_loss")
     lines = []
     for entry in result["summary"]:
@@ -92,13 +96,19 @@ def notes(result: dict) -> list[str]:
         spread = math.sqrt(s[1] ** 2 + base[1] ** 2) if s[2] > 1 else float("nan")
         verdict = "helps" if s[0] - base[0] > spread else "hurts" if base[0] - s[0] > spread else "within noise"
         lines.append(f"{entry['name']}: val loss {s[0]:.3f} vs baseline {base[0]:.3f} (delta {s[0] - base[0]:+.3f}, "
-                     f"spread {spread:.3f}): the UltraMemV2 choice {verdict}")
+                     f"spread {spread:.3f}): {subject} {verdict}")
+    return lines
+
+
+def notes(result: dict) -> list[str]:
+    lines = verdict_notes(result, "the UltraMemV2 choice")
     for name, reason in NOT_RUN.items():
         lines.append(f"not run: {name}: {reason}")
     return lines
 
 
-def plot(result: dict, out_dir: Path) -> list[Path]:
+def baseline_plot(result: dict, out_dir: Path, stem: str, title: str) -> list[Path]:
+    """Bars of every variant's validation loss, the baseline's as a dashed line."""
     fig, (ax,) = new_figure(width=6.0)
     names = [e["name"] for e in result["summary"]]
     bar_chart(ax, result, names, "val_loss")
@@ -109,5 +119,9 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     base = stat(result, "baseline", "val_loss")[0]
     if not math.isnan(base):
         ax.axhline(base, color="k", lw=0.8, ls="--")
-    ax.set_title("UltraMemV2 ablations: validation loss (lower is better)", fontsize=9)
-    return save_figure(fig, out_dir, NAME)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, out_dir, stem)
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    return baseline_plot(result, out_dir, NAME, "UltraMemV2 ablations: validation loss (lower is better)")

@@ -19,13 +19,11 @@ with the blocks in between (a latency device), and the model requires j > i.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from minimem.experiments.runner import Variant, bar_chart, new_figure, save_figure, stat
-from minimem.experiments.setups import (
-    experiment_train, get, match_parameters, model_config, override, parameters, train_and_measure,
-)
+from minimem.experiments.ablations import baseline_plot, refit, verdict_notes
+from minimem.experiments.runner import Variant
+from minimem.experiments.setups import experiment_train, model_config, override, train_and_measure
 
 NAME = "ultramem_ablations"
 CLAIM = ("UltraMem's mechanisms each help over product keys: no softmax, multi-core scoring, implicit value "
@@ -36,12 +34,6 @@ TABLE = [("val_loss", ".3f"), ("train_loss", ".3f"), ("params_activated", ",.0f"
 BASELINE = "ultramem"
 
 
-def _refit(base: dict, config: dict) -> dict:
-    """``config`` with its FFN width refitted to the baseline's activated parameters."""
-    target = parameters(base)["activated"]
-    return match_parameters(config, "model.ffn_hidden", target, "activated", start=get(config, "model.ffn_hidden"))
-
-
 def ablation_configs() -> dict[str, tuple[str, dict]]:
     """name -> (which mechanism it removes, config)."""
     base = model_config(BASELINE)
@@ -49,8 +41,8 @@ def ablation_configs() -> dict[str, tuple[str, dict]]:
         "baseline": ("none", base),
         "softmax": ("no softmax", override(base, **{"model.memory.softmax": True})),
         "one_core": ("multi-core scoring", override(base, **{"model.memory.cores": 1})),
-        "no_ive": ("implicit value expansion", _refit(base, override(base, **{"model.memory.expansion": 1}))),
-        "rank1": ("Tucker rank 2", _refit(base, override(base, **{"model.memory.rank": 1}))),
+        "no_ive": ("implicit value expansion", refit(base, override(base, **{"model.memory.expansion": 1}))),
+        "rank1": ("Tucker rank 2", refit(base, override(base, **{"model.memory.rank": 1}))),
         "value_lr_1x": ("value LR 4x -> 1x", override(
             base, **{"train.value_lr_mult": 1.0, "train.value_lr_schedule": "constant"})),
     }
@@ -68,30 +60,8 @@ def run(variant: Variant, seed: int, quick: bool) -> dict:
 
 
 def notes(result: dict) -> list[str]:
-    base = stat(result, "baseline", "val_loss")
-    lines = []
-    for entry in result["summary"]:
-        if entry["name"] == "baseline":
-            continue
-        s = stat(result, entry["name"], "val_loss")
-        if math.isnan(s[0]) or math.isnan(base[0]):
-            continue
-        spread = math.sqrt(s[1] ** 2 + base[1] ** 2) if s[2] > 1 else float("nan")
-        verdict = "helps" if s[0] - base[0] > spread else "hurts" if base[0] - s[0] > spread else "within noise"
-        lines.append(f"{entry['name']}: val loss {s[0]:.3f} vs baseline {base[0]:.3f} (delta {s[0] - base[0]:+.3f}, "
-                     f"spread {spread:.3f}): UltraMem's mechanism {verdict}")
-    return lines
+    return verdict_notes(result, "UltraMem's mechanism")
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:
-    fig, (ax,) = new_figure(width=6.0)
-    names = [e["name"] for e in result["summary"]]
-    bar_chart(ax, result, names, "val_loss")
-    finite = [v for v in (stat(result, n, "val_loss")[0] for n in names) if not math.isnan(v)]
-    if finite:
-        ax.set_ylim(min(finite) - 0.05, max(finite) + 0.05)
-    base = stat(result, "baseline", "val_loss")[0]
-    if not math.isnan(base):
-        ax.axhline(base, color="k", lw=0.8, ls="--")
-    ax.set_title("UltraMem ablations: validation loss (lower is better)", fontsize=9)
-    return save_figure(fig, out_dir, NAME)
+    return baseline_plot(result, out_dir, NAME, "UltraMem ablations: validation loss (lower is better)")
