@@ -210,7 +210,8 @@ def divergence_judge(result: dict) -> tuple[str, str]:
             else:
                 verdicts.append(INCONCLUSIVE)
     loss = "; ".join(f"val loss at lr {lr}: principled {fmt(get(result, name_of('principled', lr), 'val_loss'))}, "
-                     f"std 0.02 {fmt(get(result, name_of('std0.02', lr), 'val_loss'))}" for lr in ("normal", "raised"))
+                     f"std 0.02 {fmt(get(result, name_of('std0.02', lr), 'val_loss'))}, "
+                     f"naive {fmt(get(result, name_of('naive', lr), 'val_loss'))}" for lr in ("normal", "raised"))
     return f"divergence rate over seeds: {', '.join(parts)}; {loss}", combine(verdicts)
 
 
