@@ -281,3 +281,17 @@ def test_ultramem_ablations_remove_one_mechanism_each_at_equal_activated_paramet
         assert abs(setups.parameters(c)["activated"] - target) / target < 0.01, name
         changed = {k for k in mem["baseline"] if mem[name][k] != mem["baseline"][k]}
         assert len(changed) <= 1, (name, changed)  # one mechanism at a time
+
+
+def test_head2head_finalize_times_the_steps_and_writes_the_profile(tmp_path):
+    from minimem.experiments import head2head
+
+    runs = [{"name": v.name, "labels": v.labels, "config": v.config} for v in head2head.variants(True)]
+    result = {"runs": runs}
+    head2head.finalize(result, tmp_path, quick=True)
+    step = result["step_time"]
+    assert step["wall_ratio_to_dense"]["dense"] == 1.0 and set(step["wall_ms"]) >= {"dense", "ultramemv2"}
+    assert all(ms > 0 for ms in step["cpu_ms"].values())
+    assert {"dense", "ultramemv2"} <= set(step["block0_fwd_bwd_ms"])
+    profile = (tmp_path / "head2head_profile.txt").read_text()
+    assert "## ultramemv2" in profile and "the largest differences" in profile  # ultramemv2 against dense

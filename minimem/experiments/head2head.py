@@ -183,7 +183,7 @@ def finalize(result: dict, out_dir: Path, quick: bool) -> None:
         result["step_time"].setdefault("block0_fwd_bwd_ms", {})[model] = dict(breakdown)
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
-            bench_step.profile(model, steps=1 if quick else 3, rows=20)
+            bench_step.print_profile(model, steps=1 if quick else 3, rows=20, against=None if model == "dense" else "dense")
         profile += [f"## {model}: {wall[model]:.1f} ms per step (wall), {cpu[model]:.1f} ms (thread CPU)", "",
                     "Block 0, forward + backward on one batch of activations (median ms; x n_layer blocks per step):", ""]
         profile += [f"    {part:<55} {t:8.2f} ms" for part, t in breakdown]
