@@ -293,5 +293,13 @@ def test_head2head_finalize_times_the_steps_and_writes_the_profile(tmp_path):
     assert step["wall_ratio_to_dense"]["dense"] == 1.0 and set(step["wall_ms"]) >= {"dense", "ultramemv2"}
     assert all(ms > 0 for ms in step["cpu_ms"].values())
     assert {"dense", "ultramemv2"} <= set(step["block0_fwd_bwd_ms"])
+    infer = result["inference_tokens_per_s"]
+    shakespeare = {r["name"] for r in runs if r["labels"]["task"] == "shakespeare"}
+    assert set(infer) == shakespeare | {"what"} and all(infer[n]["mean"] > 0 for n in shakespeare)
+    assert head2head.speed(result, "ultramemv2", "total", "infer_tokens_per_s")[0] == infer[
+        head2head.name_of("ultramemv2", "total", "shakespeare")]["mean"]
+    # training tokens/s from the interleaved step time: 12 x 64 tokens per step
+    assert head2head.speed(result, "moe2", "active", "train_tokens_per_s")[0] == pytest.approx(
+        768 / (step["wall_ms"]["moe"] / 1000))
     profile = (tmp_path / "head2head_profile.txt").read_text()
     assert "## ultramemv2" in profile and "the largest differences" in profile  # ultramemv2 against dense

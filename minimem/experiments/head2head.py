@@ -151,6 +151,33 @@ def module_breakdown(config: dict, reps: int = 5) -> list[tuple[str, float]]:
     return rows
 
 
+def inference_throughput(configs: dict[str, dict], rounds: int, reps: int) -> dict[str, dict]:
+    """Forward tokens/s in eval mode of each config's model, timed interleaved (1 CPU thread).
+
+    One batch of 12 x 64 tokens of tiny Shakespeare; every round times ``reps`` forward passes of
+    every model in turn, so all models see the same load. Returns ``{name: {mean, std, n}}`` over
+    the rounds. Fresh weights: a forward pass costs the same whatever their values.
+    """
+    from minimem.bench import step as bench_step
+    from minimem.config import config_from_dict
+    from minimem.experiments.runner import mean_std
+    from minimem.model import GPT
+
+    x, _ = bench_step.fixed_batch()
+    models = {name: GPT(config_from_dict(cfg).model).eval() for name, cfg in configs.items()}
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(x)  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    model(x)
+                rates[name].append(reps * x.numel() / (time.perf_counter() - t0))
+    return {name: mean_std(r) for name, r in rates.items()}
+
+
 def finalize(result: dict, out_dir: Path, quick: bool) -> None:
     """Step time of the reference configs, interleaved (:mod:`minimem.bench.step`), and where it goes."""
     import contextlib
@@ -175,6 +202,11 @@ def finalize(result: dict, out_dir: Path, quick: bool) -> None:
         "cpu_ratio_to_dense": {k: c / cpu["dense"] for k, c in cpu.items()},
         "load_average": os.getloadavg()[0],
     }
+    shakespeare = {r["name"]: r["config"] for r in result["runs"] if r["labels"]["task"] == "shakespeare"}
+    result["inference_tokens_per_s"] = inference_throughput(shakespeare, timing["rounds"], timing["steps"])
+    result["inference_tokens_per_s"]["what"] = (
+        "forward tokens/s in eval mode, batch 12 x 64, 1 CPU thread, every shakespeare run's model timed "
+        f"interleaved: mean ± std over {timing['rounds']} rounds of {timing['steps']} passes")
     configs = {r["labels"]["model"]: r["config"] for r in result["runs"]
                if r["labels"]["parity"] == "active" and r["labels"]["task"] == "shakespeare"}
     profile = [f"# Where a training step's time goes ({'quick' if quick else 'full'} run, 1 CPU thread)", ""]
@@ -217,16 +249,39 @@ def notes(result: dict) -> list[str]:
     return lines
 
 
+STEP_KIND = {"moe2": "moe"}  # minimem.bench.step times configs/shakespeare-moe.yaml (MoE-2) as "moe"
+
+
+def speed(result: dict, model: str, parity: str, metric: str) -> tuple[float, float, int]:
+    """Clean speed figures from :func:`finalize` (interleaved timing), like :func:`stat`.
+
+    ``train_tokens_per_s``: tokens per training step over the step time (equal-active configs only);
+    ``infer_tokens_per_s``: :func:`inference_throughput`. Falls back to the runs' own (loaded) figures.
+    """
+    name = name_of(model, parity, "shakespeare")
+    if metric == "infer_tokens_per_s" and name in result.get("inference_tokens_per_s", {}):
+        s = result["inference_tokens_per_s"][name]
+        return s["mean"], s["std"], s["n"]
+    step = result.get("step_time", {}).get("wall_ms", {})
+    kind = STEP_KIND.get(model, model)
+    if metric == "train_tokens_per_s" and parity == "active" and kind in step:
+        return 12 * 64 / (step[kind] / 1000), 0.0, 1
+    return stat(result, name, metric)
+
+
 def plot(result: dict, out_dir: Path) -> list[Path]:
     metrics = [("val_loss", "shakespeare", "validation loss (tiny Shakespeare)"),
                ("exact_match", "facts", "facts exact match"),
-               ("train_tokens_per_s", "shakespeare", "training tokens/s (1 CPU thread)"),
-               ("infer_tokens_per_s", "shakespeare", "inference tokens/s (1 CPU thread)")]
+               ("train_tokens_per_s", "shakespeare", "training tokens/s (1 CPU thread, interleaved)"),
+               ("infer_tokens_per_s", "shakespeare", "inference tokens/s (1 CPU thread, interleaved)")]
     fig, axes = new_figure(ncols=len(metrics), width=4.2, height=3.6)
     width = 0.4
     for ax, (metric, task, title) in zip(axes, metrics):
         for k, parity in enumerate(PARITIES):
-            stats = [stat(result, name_of(m, parity, task), metric) for m in MODELS]
+            if metric.endswith("_per_s"):
+                stats = [speed(result, m, parity, metric) for m in MODELS]
+            else:
+                stats = [stat(result, name_of(m, parity, task), metric) for m in MODELS]
             pos = [i + (k - 0.5) * width for i in range(len(MODELS))]
             ax.bar(pos, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2,
                    label=f"equal {parity} params")
