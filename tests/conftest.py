@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, the built book, and Debian's chromium for browser tests."""
+"""Shared fixtures: one torch thread, the repository root, the built book, and Debian's chromium for browser tests."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,19 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny tensors run faster without OpenMP's pool, which spins
+    against other processes on a shared 2-core machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

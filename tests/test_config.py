@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from minimem.config import Config, ModelConfig, MoEConfig, TrainConfig, apply_overrides, config_from_dict, load_config
@@ -14,13 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "shakespeare-dense.yaml", REPO / "configs" / "shakespeare-moe.yaml"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared 2-core machine (torch's pool spins)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write(tmp_path, data) -> Path:

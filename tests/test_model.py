@@ -10,13 +10,7 @@ from minimem.model import GPT, RMSNorm, Rotary, SwiGLU
 from minimem.moe import MoE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared 2-core machine (torch's pool spins)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**kw) -> ModelConfig:
