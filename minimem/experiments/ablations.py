@@ -83,8 +83,11 @@ def run(variant: Variant, seed: int, quick: bool) -> dict:
 def verdict_notes(result: dict, subject: str) -> list[str]:
     """One line per variant: its val loss against the baseline's, and whether ``subject`` helps.
 
-    The change 'helps' when undoing it raises the loss by more than the spread over seeds.
+    The change 'helps' when undoing it raises the loss by more than the spread over seeds
+    (:func:`minimem.experiments.claims.better`, the rule of ``results/README.md``).
     """
+    from minimem.experiments.claims import NOT_REPRODUCED, REPRODUCED, better
+
     base = stat(result, "baseline", "val_loss")
     lines = []
     for entry in result["summary"]:
@@ -94,7 +97,7 @@ def verdict_notes(result: dict, subject: str) -> list[str]:
         if math.isnan(s[0]) or math.isnan(base[0]):
             continue
         spread = math.sqrt(s[1] ** 2 + base[1] ** 2) if s[2] > 1 else float("nan")
-        verdict = "helps" if s[0] - base[0] > spread else "hurts" if base[0] - s[0] > spread else "within noise"
+        verdict = {REPRODUCED: "helps", NOT_REPRODUCED: "hurts"}.get(better(base, s), "within noise")
         lines.append(f"{entry['name']}: val loss {s[0]:.3f} vs baseline {base[0]:.3f} (delta {s[0] - base[0]:+.3f}, "
                      f"spread {spread:.3f}): {subject} {verdict}")
     return lines

@@ -121,14 +121,19 @@ def memory_output_variance(
     return LINEAR_GAIN**2 * second_moment * sigma_v**4 * d_pre * topk * heads * d_value / dim
 
 
-def _variance_ratio(target_variance, sigma_s, d_pre, d_value, topk, heads, dim, score_mean) -> float:
-    """sigma_V^4 that makes :func:`memory_output_variance` equal ``target_variance``."""
-    for name, value in (("target_variance", target_variance), ("d_pre", d_pre), ("d_value", d_value),
-                        ("topk", topk), ("heads", heads), ("dim", dim), ("score_mean", score_mean)):
+def _check_init_arguments(sigma_s: float, **positive: float) -> None:
+    """ValueError naming the argument: every ``positive`` one must be > 0, ``sigma_s`` >= 0."""
+    for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
     if sigma_s < 0:
         raise ValueError(f"sigma_s must be >= 0, got {sigma_s}")
+
+
+def _variance_ratio(target_variance, sigma_s, d_pre, d_value, topk, heads, dim, score_mean) -> float:
+    """sigma_V^4 that makes :func:`memory_output_variance` equal ``target_variance``."""
+    _check_init_arguments(sigma_s, target_variance=target_variance, d_pre=d_pre, d_value=d_value, topk=topk,
+                          heads=heads, dim=dim, score_mean=score_mean)
     return target_variance / memory_output_variance(1.0, sigma_s, d_pre, d_value, topk, heads, dim, score_mean)
 
 
@@ -156,12 +161,8 @@ def plain_value_std(
 
     The same derivation as the module docstring with the gate <P_i, px> removed: sigma_V enters once.
     """
-    for name, value in (("target_variance", target_variance), ("d_value", d_value), ("topk", topk),
-                        ("heads", heads), ("dim", dim), ("score_mean", score_mean)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-    if sigma_s < 0:
-        raise ValueError(f"sigma_s must be >= 0, got {sigma_s}")
+    _check_init_arguments(sigma_s, target_variance=target_variance, d_value=d_value, topk=topk, heads=heads,
+                          dim=dim, score_mean=score_mean)
     second_moment = score_mean**2 * (1.0 + sigma_s**2)
     return math.sqrt(target_variance * dim / (LINEAR_GAIN * second_moment * topk * heads * d_value))
 
