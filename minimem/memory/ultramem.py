@@ -155,6 +155,22 @@ class TuckerRetrieval(nn.Module):
         return torch.cat(scores, dim=1), torch.cat(slots, dim=1)
 
 
+def pool_by_block(values, rows, block, scores, expansion: int, pre_values=None, pre_input=None) -> torch.Tensor:
+    """IVE's pooling on the physical table ([UM] §3.3): (T, E D_v), block p's pool at columns p D_v.
+
+    rows, block (T, k) physical row and virtual block of each selected slot; scores (T, k, c).
+    One lookup row per (token, slot) pair reads each selected row once (with its pre-value gate
+    when ``pre_values`` / ``pre_input`` (T, D_p) are given), then the pairs are summed into their
+    (token, block) bucket.
+    """
+    T, k = rows.shape
+    pairs = memory_lookup(values, rows.reshape(-1, 1), scores.reshape(-1, 1, scores.shape[-1]), pre_values,
+                          None if pre_input is None else pre_input.repeat_interleave(k, dim=0))
+    bucket = (torch.arange(T, device=rows.device).unsqueeze(1) * expansion + block).reshape(-1)
+    pooled = pairs.new_zeros(T * expansion, values.shape[1]).index_add(0, bucket, pairs)
+    return pooled.view(T, expansion * values.shape[1])
+
+
 def usage_update(counts: torch.Tensor, rows: torch.Tensor) -> None:
     """Add the reads in ``rows`` to the (N,) ``counts`` buffer."""
     with torch.no_grad():
@@ -218,17 +234,13 @@ class UltraMem(nn.Module):
         block, rows = virtual // self.n_slots, virtual % self.n_slots
         if self.expansion == 1:
             pooled = memory_lookup(self.values, rows, scores)
-        else:
-            # one lookup row per (token, slot) pair reads each selected row once ...
-            pairs = memory_lookup(self.values, rows.reshape(-1, 1), scores.reshape(-1, 1, self.n_cores))
-            # ... and the pairs are summed into their (token, block) bucket
-            bucket = (torch.arange(B * T, device=x.device).unsqueeze(1) * self.expansion + block).reshape(-1)
-            pooled = pairs.new_zeros(B * T * self.expansion, self.d_value).index_add(0, bucket, pairs)
-            pooled = pooled.view(B * T, self.expansion * self.d_value)
+        else:  # pool per block on the physical table, then the E projections (one Linear)
+            pooled = pool_by_block(self.values, rows, block, scores, self.expansion)
         usage_update(self.usage_counts, rows)
         self.last_indices = rows.detach().view(B, T, -1)
         self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
         return self.value_proj(pooled).view(B, T, h)
 
 
-__all__ = ["TuckerRetrieval", "UltraMem", "square_root", "seeded_permutation", "usage_update", "SHUFFLE_SEED"]
+__all__ = ["TuckerRetrieval", "UltraMem", "pool_by_block", "square_root", "seeded_permutation", "usage_update",
+           "SHUFFLE_SEED"]

@@ -66,7 +66,9 @@ from minimem.memory.init import (
     principled_value_std,
     printed_value_std,
 )
-from minimem.memory.ultramem import SHUFFLE_SEED, TuckerRetrieval, seeded_permutation, square_root, usage_update
+from minimem.memory.ultramem import (
+    SHUFFLE_SEED, TuckerRetrieval, pool_by_block, seeded_permutation, square_root, usage_update,
+)
 
 GATE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "silu": F.silu}
 MC_TOKENS = 2048  # Monte Carlo tokens for the score calibration and sigma_s
@@ -241,15 +243,8 @@ class UltraMemV2(nn.Module):
             weights, pre_values, px = scores * gate.unsqueeze(-1), None, None
         if self.projections == 1:
             read = memory_lookup(table.values, rows, weights, pre_values, px)
-        else:  # one lookup row per (token, slot) pair, summed into its (token, block) bucket, as UltraMem
-            k = rows.shape[1]
-            pairs = memory_lookup(
-                table.values, rows.reshape(-1, 1), weights.reshape(-1, 1, self.n_cores), pre_values,
-                None if px is None else px.repeat_interleave(k, dim=0),
-            )
-            bucket = (torch.arange(B * T, device=x.device).unsqueeze(1) * self.projections + block).reshape(-1)
-            read = pairs.new_zeros(B * T * self.projections, self.d_value).index_add(0, bucket, pairs)
-            read = read.view(B * T, self.projections * self.d_value)
+        else:  # the IVE ablation pools per block, as UltraMem
+            read = pool_by_block(table.values, rows, block, weights, self.projections, pre_values, px)
         usage_update(self.usage_counts, rows)
         self.last_indices = rows.detach().view(B, T, -1)
         self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
