@@ -6,14 +6,18 @@ A checkpoint is a folder ``OUT/ckpt-0000500/`` holding
 - ``optimizer.pt``: the AdamW state (moments, step counts, groups);
 - ``config.json``: the full run config;
 - ``state.json``: the step, every random state (torch, numpy, python, the data sampler's
-  generator, CUDA) and the SHA-256 of the two binary files.
+  generator, CUDA) and the SHA-256 of every file a resume reads: the weights, the optimiser
+  state, the config and ``state.json``'s own step, random states and extra (hashed as
+  canonical JSON, without the hashes themselves).
 
 ``OUT/checkpoint.json`` names the latest complete checkpoint. A save writes the new folder
-under a temporary name, flushes it to disk, renames it, and only then replaces
-``checkpoint.json`` (write a temporary file, rename over the old one: atomic on POSIX).
-A crash at any moment leaves ``checkpoint.json`` pointing at a complete checkpoint; older
-folders are deleted only after the pointer moved. Loading verifies the hashes, so a damaged
-file is reported as such instead of resuming from garbage.
+under a temporary name unique to the process, flushes it to disk, renames it, and only then
+replaces ``checkpoint.json`` (write a temporary file, rename over the old one: atomic on
+POSIX). A crash at any moment leaves ``checkpoint.json`` pointing at a complete checkpoint;
+older folders are deleted only after the pointer moved. A save that fails with an
+``OSError`` (a full disk) removes its partial folder and leaves the last checkpoint as it was.
+Loading verifies the hashes, so a damaged or hand-edited file is reported by name instead of
+resuming from garbage or from the wrong step.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from minimem.config import Config, config_from_dict
 
 POINTER = "checkpoint.json"
 MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "config.json", "state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json and state.json are hashed too; version 1 checkpoints still load
 
 
 class CheckpointError(ValueError):
@@ -115,23 +119,28 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:07d}"
-    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
+    final, tmp = out_dir / name, temporary(out_dir / name)
     shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
-    state = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "rng": rng if rng is not None else capture_rng(),
-        "extra": extra or {},
-        "sha256": {f: _sha256(tmp / f) for f in (MODEL_FILE, OPTIMIZER_FILE) if (tmp / f).exists()},
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "rng": rng if rng is not None else capture_rng(),
+            "extra": extra or {},
+        }
+        state["sha256"] = {f: _sha256(tmp / f) for f in (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE) if (tmp / f).exists()}
+        state["sha256"][STATE_FILE] = _state_sha256(state)
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+    except OSError:  # a full disk, say: free what was written; the last checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # left by a crash between this rename and the pointer update
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -143,8 +152,13 @@ def save_checkpoint(
     return final
 
 
+def temporary(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: unique to this process."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -167,6 +181,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _state_sha256(state: dict) -> str:
+    """SHA-256 of ``state.json``'s content without its hashes (canonical JSON: sorted keys)."""
+    content = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -210,11 +230,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step, rng = int(state["step"]), state["rng"]
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"corrupt checkpoint file {path / STATE_FILE}: {err!r}") from None
-    if state.get("format_version") != FORMAT_VERSION:
+    version = state.get("format_version")
+    if version not in (1, FORMAT_VERSION):
         raise CheckpointError(
-            f"{path / STATE_FILE} has format_version {state.get('format_version')!r}; this minimem reads {FORMAT_VERSION}"
+            f"{path / STATE_FILE} has format_version {version!r}; this minimem reads 1 and {FORMAT_VERSION}"
         )
-    for f, digest in state.get("sha256", {}).items():
+    hashes = state.get("sha256", {})
+    # Version 1 hashed only the binary files; from version 2 on, every file a resume reads must be hashed.
+    if version >= 2:
+        needed = [STATE_FILE, CONFIG_FILE, MODEL_FILE] + [OPTIMIZER_FILE] * (path / OPTIMIZER_FILE).exists()
+        unhashed = [f for f in needed if f not in hashes]
+        if unhashed:
+            raise CheckpointError(f"corrupt checkpoint file {path / STATE_FILE}: it records no SHA-256 of {unhashed[0]}")
+    for f, digest in hashes.items():
+        if f == STATE_FILE:
+            if _state_sha256(state) != digest:
+                raise CheckpointError(
+                    f"corrupt checkpoint file {path / STATE_FILE}: its step, random states or extra do not match "
+                    f"its SHA-256 (edited or damaged)"
+                )
+            continue
         if not (path / f).is_file():
             raise CheckpointError(f"incomplete checkpoint {path}: {f} is missing")
         if _sha256(path / f) != digest:
@@ -285,5 +320,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "restore", "load_model", "capture_rng", "restore_rng",
+    "restore", "load_model", "capture_rng", "restore_rng", "temporary",
 ]

@@ -1,7 +1,7 @@
 """``minimem train``: train a GPT (dense, MoE or with memory layers) from a YAML config.
 
     minimem train --config configs/shakespeare-dense.yaml [--max-steps N] [--out DIR]
-                  [--resume] [--set train.lr=2e-3 ...]
+                  [--resume | --overwrite] [--set train.lr=2e-3 ...]
 
 One optimiser step: sample a batch, forward, cross-entropy over the targets that are not
 -1, plus the auxiliary losses the modules stored (the MoE balance loss), backward, clip the
@@ -10,6 +10,12 @@ Every ``log_interval`` steps a line goes to ``OUT/metrics.jsonl`` (``train_loss`
 cross-entropy since the previous line; ``val_loss`` appears on eval steps); every
 ``ckpt_interval`` steps and at the end a checkpoint is written (:mod:`minimem.checkpoint`).
 A non-finite loss stops the run, naming the step and keeping the last good checkpoint.
+
+The run folder is never lost: a folder that holds a run is continued (``--resume``) or replaced
+(``--overwrite``, which keeps the old run until the new one's first checkpoint is complete),
+never silently; one process at a time writes it (a lock file); a full disk is reported and
+leaves the last checkpoint loadable; and a model that cannot fit in memory is refused before
+anything is allocated (:func:`estimate_memory`).
 
 Exact resume: the checkpoint holds weights, AdamW moments, the step and every random
 state (the batch sampler has its own ``torch.Generator``), so ``--resume`` replays the
@@ -26,6 +32,9 @@ files and shows the progress bar.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -48,9 +57,10 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from minimem.checkpoint import (
-    POINTER, capture_rng, latest_checkpoint, load_checkpoint, restore, save_checkpoint,
+    CONFIG_FILE, POINTER, capture_rng, latest_checkpoint, load_checkpoint, restore, save_checkpoint, temporary,
 )
 from minimem.config import Config, ModelConfig, load_config
+from minimem.guards import ArgumentParser, available_memory, check_output_folder
 from minimem.model import GPT
 from minimem.optim import build_optimizer, set_learning_rates, value_lr_multiplier
 
@@ -63,6 +73,10 @@ class SetupError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class DiskFull(RuntimeError):
+    """No space left on the run folder's device; the last complete checkpoint is kept."""
 
 
 @dataclass
@@ -150,21 +164,229 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the metric lines written after ``step`` (a crashed run logged past its last checkpoint)."""
+    """Drop the metric lines written after ``step`` (a crashed run logged past its last checkpoint).
+
+    A line that does not parse was torn by a kill in the middle of a write: it and anything
+    after it are dropped too.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record["step"] > step:
+            break
+        keep.append(line)
+    tmp = temporary(path)
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
 
 
-def _clear_run(out: Path) -> None:
-    """A fresh run in ``out`` replaces the files of an earlier run there (only minimem's own)."""
-    for name in (METRICS_FILE, POINTER, "config.json"):
-        (out / name).unlink(missing_ok=True)
-    for old in out.glob("ckpt-*"):
-        shutil.rmtree(old, ignore_errors=True)
+# ----------------------------------------------------------------------------- the run folder
+# One writer per run folder: ``OUT/.lock`` is held (flock) for the whole run and names the holder's
+# PID. A folder that holds a run is only continued (--resume) or replaced (--overwrite). A
+# replacement moves the old run's files into ``OUT/replaced-run/`` (via ``replaced-run.tmp/``, so
+# that an interrupted move is recognised) and deletes them once the new run's first checkpoint
+# is complete; if the new run ends before that, even by a kill, the old run is moved back.
+
+LOCK_FILE = ".lock"
+REPLACED = "replaced-run"
+
+
+def _run_files(out: Path) -> list[Path]:
+    """minimem's own files of the run in ``out`` (with the temporary ones a crash can leave)."""
+    names = (METRICS_FILE, POINTER, CONFIG_FILE, "ckpt-")
+    return sorted(p for p in out.iterdir() if p.name.startswith(names))
+
+
+def _settle_replaced_run(out: Path) -> bool:
+    """Finish a replacement (--overwrite) or undo it; True if the old run was moved back.
+
+    With the new run's checkpoint in place, the old run is deleted. Without it, the new run's
+    files are deleted and the old run is moved back, pointer last.
+    """
+    moving, replaced = out / f"{REPLACED}.tmp", out / REPLACED
+    if replaced.is_dir():
+        if (out / POINTER).exists():
+            shutil.rmtree(replaced)
+            return False
+        for path in _run_files(out):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        os.replace(replaced, moving)  # from here on, ``out`` holds nothing of the new run
+    if not moving.is_dir():
+        return False
+    for path in sorted(moving.iterdir(), key=lambda p: p.name == POINTER):  # pointer last
+        os.replace(path, out / path.name)
+    moving.rmdir()
+    return True
+
+
+def lock_run_folder(out: Path):
+    """Take ``out``'s lock, or raise :class:`SetupError` naming the process that holds it.
+
+    Returns the open lock file: the lock lasts until it is closed (or the process ends).
+    """
+    lock = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise SetupError(
+            f"{out} is in use by another training process (PID {holder}): wait for it to end or choose another --out"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _open_run_folder(out: Path, resume: bool, overwrite: bool, log):
+    """Check ``out``, create it, lock it and set an old run aside for --overwrite; returns the lock."""
+    try:
+        check_output_folder(out, "--out")
+    except ValueError as err:
+        raise SetupError(str(err)) from None
+    if resume and not out.is_dir():
+        raise SetupError(f"--resume: no checkpoint in {out} (no such folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out)
+    try:
+        if _settle_replaced_run(out):
+            log(f"minimem train: {out}: moved back the run that an interrupted --overwrite had set aside")
+        old = _run_files(out)
+        if old and not (resume or overwrite):
+            raise SetupError(
+                f"--out {out} already holds a run: pass --resume to continue it or --overwrite to replace it"
+            )
+        if old and overwrite:
+            moving = out / f"{REPLACED}.tmp"
+            moving.mkdir()
+            for path in sorted(old, key=lambda p: p.name != POINTER):  # pointer first: no reader follows it
+                os.replace(path, moving / path.name)
+            os.replace(moving, out / REPLACED)
+            log(f"minimem train: --overwrite: the run in {out} is set aside and deleted once this run's "
+                f"first checkpoint is complete")
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _no_space(out: Path) -> str:
+    return f"no space left on device for the run folder {out}: free some space or choose another --out"
+
+
+def _kept(out: Path) -> str:
+    """What a run that stops early leaves behind, for its message."""
+    if (out / REPLACED).is_dir() and not (out / POINTER).exists():
+        return f"the run it replaces is kept in {out}"
+    good = latest_checkpoint(out) if out.is_dir() else None
+    return f"the last good checkpoint is {good}" if good else "no checkpoint had been written"
+
+
+def _agree(dist: Distributed, problem: Optional[str]) -> None:
+    """Raise :class:`SetupError` on every rank if any rank found a problem (a rank that stopped
+    alone would leave the others waiting for it forever)."""
+    if dist.world_size > 1:
+        problems = [None] * dist.world_size
+        torch_dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise SetupError(problem)
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, dist: Distributed, resume: bool, overwrite: bool, log, problem: Optional[str] = None):
+    """Own the run folder for the body: rank 0 opens and locks it; ``problem`` is this rank's setup
+    error so far. Every rank raises :class:`SetupError` if any rank has a problem.
+
+    If the body raises, an old run that --overwrite set aside is moved back (unless the new
+    run's first checkpoint is complete), and a full disk is reported as such.
+    """
+    lock = None
+    if dist.is_main and problem is None:
+        try:
+            lock = _open_run_folder(out, resume, overwrite, log)
+        except SetupError as err:
+            problem = str(err)
+        except OSError as err:
+            problem = _no_space(out) if err.errno == errno.ENOSPC else f"--out {out}: {err}"
+    try:
+        _agree(dist, problem)
+        yield
+    except BaseException as err:
+        if lock is not None:  # only the folder's owner may touch it
+            _settle_replaced_run(out)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFull(f"{_no_space(out)}; {_kept(out)}") from err
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+# ----------------------------------------------------------------------------- memory needed
+
+
+def estimate_memory(config: Config, world_size: int = 1) -> dict:
+    """A rough upper bound of one training process's memory, in bytes by part (float32 throughout).
+
+    With P parameters (counted from the config, nothing built): the weights, their gradients and
+    AdamW's two moments take 16 P bytes. The activations kept for the backward pass are counted
+    per token of the process's batch share (``batch_size / world_size`` x ``block_size``):
+
+    - per block: 10 h (norm inputs and outputs, q, k, v, attention output, residuals),
+      2 n_head T (attention scores and probabilities, as if materialised over the context T)
+      and the FFN: 3 ffn_hidden (SwiGLU's two projections and their product), for a MoE
+      n_experts + 3 top_k d_expert (+ 3 d_expert for a shared expert);
+    - per memory layer: H (D_k + 2 n + m^2 + m (D_v + D_p + 2)) + D_v (queries, sub-key scores,
+      the m x m candidate grid, the m rows read with their scores and indices, the output);
+    - the head: 3 V (the logits, their float32 copy and the softmax gradient).
+
+    Not counted: the dataset, the evaluation batches, PyTorch itself (a few hundred MB).
+    """
+    from minimem.accounting import analytic_parameters, memory_dims, n_memory_layers
+
+    m = config.model
+    n_params = analytic_parameters(m)["total"]
+    if m.ffn == "moe":
+        ffn = m.moe.n_experts + 3 * m.moe.top_k * m.moe.d_expert + (3 * m.moe.d_expert if m.moe.shared_expert else 0)
+    else:
+        ffn = 3 * m.ffn_hidden
+    per_token = m.n_layer * (10 * m.n_embd + 2 * m.n_head * m.block_size + ffn) + 3 * m.vocab_size
+    if m.memory.kind != "none":
+        d = memory_dims(m)
+        per_layer = d["H"] * (d["d_key"] + 2 * d["n"] + d["m"] ** 2 + d["m"] * (d["d_value"] + d["d_pre"] + 2))
+        per_token += n_memory_layers(m) * (per_layer + d["d_value"])
+    tokens = config.train.batch_size // world_size * m.block_size
+    return dict(parameters=n_params, states=16 * n_params, activations=4 * per_token * tokens)
+
+
+def check_memory(config: Config, dist: Distributed) -> None:
+    """Refuse a run whose :func:`estimate_memory` exceeds the memory available, before allocating."""
+    need = estimate_memory(config, dist.world_size)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.device.type == "cpu" else 1  # processes sharing RAM
+    total = (need["states"] + need["activations"]) * local
+    available, source = available_memory(dist.device)
+    if available is None or total <= available:
+        return
+    gb = lambda n: f"{n / 1e9:,.1f} GB"
+    raise SetupError(
+        f"this run needs about {gb(total)} of memory ({gb(need['states'])} for {need['parameters']:,} parameters, "
+        f"their gradients and AdamW moments, {gb(need['activations'])} of activations at "
+        f"train.batch_size={config.train.batch_size}"
+        + (f", times {local} processes" if local > 1 else "")
+        + f") but {gb(available)} is available ({source}): lower model.n_layer, model.n_embd, "
+        f"model.ffn_hidden, the memory's n_slots or train.batch_size"
+    )
 
 
 @torch.no_grad()
@@ -216,12 +438,19 @@ def train(
     resume: bool = False,
     stop_at: Optional[int] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train the model ``config`` describes; see the module docstring.
 
-    ``resume`` continues from ``train.out_dir``'s latest checkpoint. ``stop_at`` ends the run
-    after that step with a checkpoint, as a clean interruption: the learning-rate schedule
-    still spans ``train.max_steps``, so a later ``resume`` continues the same run.
+    ``resume`` continues from ``train.out_dir``'s latest checkpoint; ``overwrite`` replaces a run
+    that is already there, keeping the old one until the new run's first checkpoint is complete
+    (without either, a folder holding a run is refused with :class:`SetupError`). ``stop_at`` ends
+    the run after that step with a checkpoint, as a clean interruption: the learning-rate
+    schedule still spans ``train.max_steps``, so a later ``resume`` continues the same run.
+
+    Raises :class:`SetupError` before training for a bad config, ``--out``, dataset, device or
+    checkpoint, a run folder in use by another process, or a model that would not fit in memory;
+    :class:`TrainingDiverged` or :class:`DiskFull` when the run stops early.
     """
     tc = config.train
     try:
@@ -230,6 +459,8 @@ def train(
             raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {tc.grad_clip}")
         if stop_at is not None and not 1 <= stop_at <= tc.max_steps:
             raise ValueError(f"stop_at must be in [1, train.max_steps={tc.max_steps}], got {stop_at}")
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in the folder and --overwrite replaces it: pass only one")
         dist = setup_distributed(tc.device)
     except ValueError as err:
         raise SetupError(str(err)) from err
@@ -237,16 +468,15 @@ def train(
     try:
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        return _train(config, dist, resume, stop_at or tc.max_steps, progress)
+        return _train(config, dist, resume, stop_at or tc.max_steps, progress, overwrite)
     finally:
         torch.set_num_threads(threads)
         if dist.owns_group:
             torch_dist.destroy_process_group()
 
 
-def _train(config: Config, dist: Distributed, resume: bool, last_step: int, progress: bool) -> TrainResult:
-    from tqdm.auto import tqdm
-
+def _train(config: Config, dist: Distributed, resume: bool, last_step: int, progress: bool,
+           overwrite: bool = False) -> TrainResult:
     from minimem.data import get_dataset
 
     tc = config.train
@@ -260,45 +490,60 @@ def _train(config: Config, dist: Distributed, resume: bool, last_step: int, prog
             )
         dataset = get_dataset(tc.dataset, config.model.block_size, tc.seed, **tc.dataset_args)
         adopted = _adopt_vocab_size(config, dataset.vocab_size, tc.dataset)
-        checkpoint = None
-        if resume:
-            if latest_checkpoint(out) is None:
-                raise SetupError(f"--resume: no checkpoint in {out} ({out / POINTER} is missing)")
-            checkpoint = load_checkpoint(out)
-            changed = _diff(checkpoint.config.to_dict()["model"], config.to_dict()["model"])
-            if changed:
-                raise SetupError(
-                    f"--resume: the model config differs from the checkpoint's in {out}: " + "; ".join(changed)
-                )
-        seed_everything(tc.seed)
-        model = GPT(config.model).to(dist.device)
-        optimizer = build_optimizer(model, tc)
-        data_generator = torch.Generator().manual_seed(tc.seed)
-        step = 0
-        if checkpoint is not None:
-            restore(checkpoint, model, optimizer, data_generator)
-            step = checkpoint.step
-            if step > last_step:
-                raise SetupError(f"--resume: the checkpoint is at step {step}, past the last step {last_step}")
-    except SetupError:
-        raise
-    except ValueError as err:  # includes CheckpointError
+    except ValueError as err:
         raise SetupError(str(err)) from err
-
+    try:
+        check_memory(config, dist)
+        problem = None
+    except SetupError as err:  # each rank checks its own memory; _run_folder tells every rank
+        problem = str(err)
     log = print if dist.is_main else (lambda *a, **k: None)
+    with _run_folder(out, dist, resume, overwrite, log, problem):
+        try:
+            checkpoint = None
+            if resume:
+                if latest_checkpoint(out) is None:
+                    raise SetupError(f"--resume: no checkpoint in {out} ({out / POINTER} is missing)")
+                checkpoint = load_checkpoint(out)
+                changed = _diff(checkpoint.config.to_dict()["model"], config.to_dict()["model"])
+                if changed:
+                    raise SetupError(
+                        f"--resume: the model config differs from the checkpoint's in {out}: " + "; ".join(changed)
+                    )
+            seed_everything(tc.seed)
+            model = GPT(config.model).to(dist.device)
+            optimizer = build_optimizer(model, tc)
+            data_generator = torch.Generator().manual_seed(tc.seed)
+            if checkpoint is not None:
+                restore(checkpoint, model, optimizer, data_generator)
+                if checkpoint.step > last_step:
+                    raise SetupError(
+                        f"--resume: the checkpoint is at step {checkpoint.step}, past the last step {last_step}"
+                    )
+        except SetupError:
+            raise
+        except ValueError as err:  # includes CheckpointError
+            raise SetupError(str(err)) from err
+        return _train_loop(config, dist, dataset, adopted, model, optimizer, data_generator, checkpoint,
+                           last_step, progress, log)
+
+
+def _train_loop(config: Config, dist: Distributed, dataset, adopted: bool, model: GPT, optimizer, data_generator,
+                checkpoint, last_step: int, progress: bool, log) -> TrainResult:
+    """The steps from the checkpoint's (or 0) to ``last_step``, in a run folder :func:`_run_folder` owns."""
+    from tqdm.auto import tqdm
+
+    tc = config.train
+    out = Path(tc.out_dir)
+    step = checkpoint.step if checkpoint is not None else 0
     metrics_path = out / METRICS_FILE
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            if (out / POINTER).exists():
-                log(f"minimem train: starting afresh in {out}: its earlier run is replaced (--resume continues it)")
-            _clear_run(out)
-        else:
+        if checkpoint is not None:
             _truncate_metrics(metrics_path, step)
             changed = _diff(checkpoint.config.to_dict()["train"], config.to_dict()["train"])
             if changed:
                 log("minimem train: resuming with a changed train config: " + "; ".join(changed))
-        config.save_json(out / "config.json")
+        config.save_json(out / CONFIG_FILE)
     if adopted:
         log(f"minimem train: model.vocab_size set to {dataset.vocab_size} from dataset {tc.dataset!r}")
     n_params = model.num_parameters()
@@ -323,6 +568,7 @@ def _train(config: Config, dist: Distributed, resume: bool, last_step: int, prog
     def save(at_step: int) -> None:
         if dist.is_main:
             save_checkpoint(out, at_step, raw_model, optimizer, config, capture_rng(data_generator))
+            _settle_replaced_run(out)  # with --overwrite, the first checkpoint is complete: the old run goes
 
     # ---------------------------------------------------------------- loop
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and dist.is_main), desc="train", unit="step")
@@ -355,9 +601,7 @@ def _train(config: Config, dist: Distributed, resume: bool, last_step: int, prog
             bad = [f"{what} is {v}" for what, v in (("loss", ce_i + aux_i), ("gradient norm", norm_i)) if not math.isfinite(v)]
             if bad:  # the update of that step is poisoned: stop before any checkpoint takes it in
                 bar.close()
-                good = latest_checkpoint(out) if out.exists() else None
-                kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been written"
-                raise TrainingDiverged(f"{' and '.join(bad)} at step {first + i}; training stopped; {kept}")
+                raise TrainingDiverged(f"{' and '.join(bad)} at step {first + i}; training stopped; {_kept(out)}")
         now = time.perf_counter()
         train_loss = sum(v[0] for v in values) / len(values)
         record = {
@@ -403,12 +647,14 @@ def _train(config: Config, dist: Distributed, resume: bool, last_step: int, prog
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimem train", description="Train a model from a YAML config.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minimem train", description="Train a model from a YAML config.")
     parser.add_argument("--config", help="YAML config file (optional with --resume: the run's saved config)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--out", help="run folder (override train.out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in the run folder (kept until the new run's first checkpoint)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                         help="override config fields, e.g. --set train.lr=2e-3 model.n_layer=6")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -442,11 +688,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     try:
-        train(config, resume=args.resume, progress=not args.no_progress)
-    except SetupError as err:  # bad config, dataset, device or checkpoint: no traceback
+        train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except SetupError as err:  # bad config, --out, dataset, device or checkpoint: no traceback
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, DiskFull) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     return 0

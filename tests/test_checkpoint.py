@@ -1,5 +1,7 @@
 """minimem.checkpoint: round trip, random states, crash safety, corruption reports."""
+import errno
 import json
+import os
 import random
 
 import numpy as np
@@ -101,7 +103,7 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
         m.setattr(ckpt.torch, "save", torch_save_dies)
         with pytest.raises(KeyboardInterrupt):
             save_checkpoint(tmp_path, 2, model, opt, config)
-    assert (tmp_path / "ckpt-0000002.tmp").is_dir()  # debris of the crash
+    assert [p.name for p in tmp_path.glob("ckpt-0000002.tmp-*")] == [f"ckpt-0000002.tmp-{os.getpid()}"]  # debris
     loaded = load_checkpoint(tmp_path)
     assert loaded.step == 1
     assert all(torch.equal(loaded.model_state[k], good[k]) for k in loaded.model_state)
@@ -126,7 +128,7 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
         (lambda p: _flip_byte(p / "ckpt-0000003" / "optimizer.pt"), r"optimizer\.pt: SHA-256"),
         (lambda p: (p / "ckpt-0000003" / "state.json").write_text('{"step": 3, "rng"'), r"state\.json"),
         (lambda p: (p / "ckpt-0000003" / "config.json").unlink(), r"config\.json is missing"),
-        (lambda p: (p / "ckpt-0000003" / "config.json").write_text('{"model": {"n_head": 3}}'), r"config\.json.*model\.n_embd"),
+        (lambda p: (p / "ckpt-0000003" / "config.json").write_text('{"model": {"n_head": 3}}'), r"config\.json: SHA-256"),
         (lambda p: (p / "checkpoint.json").write_text("{not json"), r"corrupt checkpoint pointer"),
         (lambda p: (p / "checkpoint.json").write_text('{"step": 9, "path": "ckpt-0000009"}'), r"ckpt-0000009.*does not exist"),
     ],
@@ -152,7 +154,7 @@ def test_unhashed_garbage_weights_are_reported(tmp_path):
     model, opt = trained(config)
     path = save_checkpoint(tmp_path, 3, model, opt, config)
     state = json.loads((path / "state.json").read_text())
-    state["sha256"] = {}
+    state.update(format_version=1, sha256={})  # version 1 allowed unhashed files: the loader still checks them
     (path / "state.json").write_text(json.dumps(state))
     (path / "model.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
@@ -175,3 +177,90 @@ def test_no_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path) is None
+
+
+def _edit_state(key, change):
+    def edit(p):
+        path = p / "ckpt-0000003" / "state.json"
+        state = json.loads(path.read_text())
+        state[key] = change(state[key])
+        path.write_text(json.dumps(state))
+    return edit
+
+
+def _edit_config(p):
+    path = p / "ckpt-0000003" / "config.json"
+    config = json.loads(path.read_text())
+    config["train"]["lr"] *= 2  # a valid config, just not the run's
+    path.write_text(json.dumps(config))
+
+
+def _other_weights(p):
+    from safetensors.torch import save_model
+
+    config = tiny_config()
+    model, _ = trained(config, steps=1)  # a valid weights file of the same shapes, other values
+    save_model(model, str(p / "ckpt-0000003" / "model.safetensors"))
+
+
+def _other_optimizer(p):
+    _, opt = trained(tiny_config(), steps=1)
+    torch.save(opt.state_dict(), p / "ckpt-0000003" / "optimizer.pt")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_edit_state("step", lambda step: step - 1), r"state\.json: its step, random states or extra do not match"),
+        (_edit_state("rng", lambda rng: {**rng, "python": [rng["python"][0], rng["python"][1][::-1], None]}),
+         r"state\.json: its step, random states"),
+        (_edit_state("sha256", lambda h: {k: v for k, v in h.items() if k != "config.json"}),
+         r"state\.json: it records no SHA-256 of config\.json"),
+        (_edit_config, r"config\.json: SHA-256 does not match state\.json"),
+        (_other_weights, r"model\.safetensors: SHA-256 does not match"),
+        (_other_optimizer, r"optimizer\.pt: SHA-256 does not match"),
+    ],
+    ids=["state-step", "state-rng", "unhashed-config", "config", "weights", "optimizer"],
+)
+def test_every_file_a_resume_reads_is_hashed(tmp_path, edit, message):
+    """A valid but different file (not only a damaged one) is caught: a resume would start from the wrong state."""
+    config = tiny_config()
+    model, opt = trained(config)
+    save_checkpoint(tmp_path, 3, model, opt, config)
+    load_checkpoint(tmp_path)  # loads before the edit
+    edit(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+
+
+def test_format_version_1_still_loads_and_unknown_versions_are_named(tmp_path):
+    config = tiny_config()
+    model, opt = trained(config)
+    path = save_checkpoint(tmp_path, 3, model, opt, config)
+    state = json.loads((path / "state.json").read_text())
+    assert state["format_version"] == ckpt.FORMAT_VERSION == 2
+    # version 1 hashed only the binary files
+    old = {**state, "format_version": 1, "sha256": {f: state["sha256"][f] for f in ("model.safetensors", "optimizer.pt")}}
+    (path / "state.json").write_text(json.dumps(old))
+    assert load_checkpoint(tmp_path).step == 3
+    (path / "state.json").write_text(json.dumps({**state, "format_version": 7}))
+    with pytest.raises(CheckpointError, match=r"format_version 7; this minimem reads 1 and 2"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_frees_the_partial_one(tmp_path, monkeypatch):
+    config = tiny_config()
+    model, opt = trained(config, 1)
+    save_checkpoint(tmp_path, 1, model, opt, config)
+
+    def disk_full(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(tmp_path, 2, model, opt, config)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "ckpt-0000001"]  # no partial folder
+    assert load_checkpoint(tmp_path).step == 1
