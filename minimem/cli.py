@@ -1,8 +1,17 @@
-"""``minimem <command> ...``: each command lives in its own module and parses its own arguments."""
+"""``minimem <command> ...``: each command lives in its own module and parses its own arguments.
+
+Every bad input ends the same way, whatever the command: exit status 2 and ONE line on stderr,
+``<prog>: error: <what is wrong, naming the flag or config field, and the fix>``, never a
+traceback. :class:`minimem.guards.ArgumentParser` gives argparse's own errors that shape
+(argparse prints a usage line first), and :func:`minimem.guards.usage_error` prints the checks a
+command does itself.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+
+from minimem.guards import usage_error
 
 COMMANDS = {
     "doctor": ("minimem.doctor", "check python, torch, triton, numpy and the Triton interpreter"),
@@ -26,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"minimem: unknown command {name!r}; choose one of {', '.join(COMMANDS)}\n", file=sys.stderr)
-        print(usage(), file=sys.stderr)
-        return 2
+        return usage_error("minimem", f"unknown command {name!r}; choose one of {', '.join(COMMANDS)} "
+                                      "(`minimem --help` describes them)")
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -2,12 +2,16 @@
 
 A run is described by one :class:`Config` holding a :class:`ModelConfig` (the network)
 and a :class:`TrainConfig` (the optimisation). Every field has a default, so a YAML file
-only names what differs. Unknown keys are errors, never silently ignored.
+only names what differs. Unknown keys, ``null`` values, NaN / infinite floats and absurd sizes
+are errors (a :class:`ValueError` with one line naming the field and the fix), never silently
+ignored or left to fail deep inside torch.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,6 +22,21 @@ import yaml
 from minimem.memory.config import MemoryConfig
 
 FFN_KINDS = ("dense", "moe")
+# Sane upper bounds: a width, vocabulary or context in the millions, or thousands of layers, is a
+# typo (an extra zero, a missing unit), never a model this course trains. Below the bounds,
+# whether a model fits depends on the machine, not on the config.
+MAX_SIZE = 2**20  # widths, vocabulary, context, batch
+MAX_LAYERS = 1024
+MAX_SLOTS = 2**30  # memory slots N
+MAX_THREADS = 1024
+
+
+def check_range(where: str, value, low, high=None) -> None:
+    """ValueError naming ``where`` unless ``low <= value`` (and ``value <= high`` when given)."""
+    if value < low:
+        raise ValueError(f"{where} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{where} must be <= {high:,}, got {value:,} (a typo? sizes this large never fit)")
 
 
 @dataclass
@@ -31,14 +50,13 @@ class MoEConfig:
     aux_loss_weight: float = 0.01  # load-balance loss weight (Switch/OLMoE form)
 
     def validate(self) -> None:
-        if self.n_experts < 1:
-            raise ValueError(f"moe.n_experts must be >= 1, got {self.n_experts}")
+        check_range("moe.n_experts", self.n_experts, 1, MAX_SIZE)
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(
                 f"moe.top_k must be between 1 and moe.n_experts={self.n_experts}, got {self.top_k}"
             )
-        if self.d_expert < 1:
-            raise ValueError(f"moe.d_expert must be >= 1, got {self.d_expert}")
+        check_range("moe.d_expert", self.d_expert, 1, MAX_SIZE)
+        check_range("moe.aux_loss_weight", self.aux_loss_weight, 0.0)
 
 
 @dataclass
@@ -59,9 +77,9 @@ class ModelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "block_size", "n_head", "n_embd", "ffn_hidden"):
+            check_range(f"model.{name}", getattr(self, name), 1, MAX_SIZE)
+        check_range("model.n_layer", self.n_layer, 1, MAX_LAYERS)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}"
@@ -74,6 +92,8 @@ class ModelConfig:
             raise ValueError(f"model.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_base <= 0.0:
+            raise ValueError(f"model.rope_base must be > 0 (10000 is usual), got {self.rope_base}")
         self.moe.validate()
         self.memory.validate(self)
 
@@ -101,19 +121,25 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     device: str = "cpu"
-    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default (negative is an error)
     dataset_args: dict = field(default_factory=dict)  # extra keyword arguments for the dataset
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "ckpt_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_interval", "eval_iters", "ckpt_interval", "log_interval"):
+            check_range(f"train.{name}", getattr(self, name), 1)
+        check_range("train.batch_size", self.batch_size, 1, MAX_SIZE)
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"train.threads must be in [0, {MAX_THREADS}] (0 keeps torch's default), got {self.threads}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"train.min_lr must be in [0, train.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_range("train.weight_decay", self.weight_decay, 0.0)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.value_lr_mult <= 0:
             raise ValueError(f"train.value_lr_mult must be > 0, got {self.value_lr_mult}")
         if self.value_lr_schedule not in ("constant", "linear_decay"):
@@ -146,8 +172,14 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+def _null_error(name: str) -> ValueError:
+    return ValueError(f"{name} is null; give it a value, or leave the key out to keep its default")
+
+
 def _from_dict(cls, data: Any, where: str):
     """Build dataclass ``cls`` from a dict, rejecting unknown keys with their dotted name."""
+    if data is None:
+        raise _null_error(where)
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -159,7 +191,7 @@ def _from_dict(cls, data: Any, where: str):
             raise ValueError(f"unknown config key {name!r}; known keys: {sorted(known)}")
         kind = hints[key]
         if is_dataclass(kind):
-            kwargs[key] = _from_dict(kind, value or {}, name)
+            kwargs[key] = _from_dict(kind, value, name)
         else:
             kwargs[key] = _coerce(value, kind, name)
     return cls(**kwargs)
@@ -167,11 +199,13 @@ def _from_dict(cls, data: Any, where: str):
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
     origin = typing.get_origin(kind)
-    if kind is Any or value is None:
+    if kind is Any:
         return value
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X]: null allowed
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        return _coerce(value, args[0], name) if args else value
+        return value if value is None or not args else _coerce(value, args[0], name)
+    if value is None:
+        raise _null_error(name)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -183,10 +217,15 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(f"{name} must be a number, got {value!r}")
+        if kind is str and isinstance(value, (bool, list, dict)):
+            raise ValueError(f"{name} must be a string, got {value!r}")
         try:
-            return kind(value)
+            value = kind(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be of type {kind.__name__}, got {value!r}") from None
+        if kind is float and not math.isfinite(value):  # YAML's .nan / .inf, or "nan" as text
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return value
     if origin in (list, tuple) or kind in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, got {value!r}")
@@ -204,15 +243,43 @@ def config_from_dict(data: dict) -> Config:
     return _from_dict(Config, data, "").validate()
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line, with its line and column (yaml's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is not None:
+        problem = getattr(err, "problem", None) or getattr(err, "context", None)
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML (or JSON) config file, apply ``KEY=VALUE`` overrides, validate."""
+    """Load a YAML (or JSON) config file, apply ``KEY=VALUE`` overrides, validate.
+
+    Every problem, with the file or an override, raises FileNotFoundError (no such path) or
+    ValueError with a one-line message that names the file or field and says how to fix it.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give a YAML file, e.g. configs/shakespeare-dense.yaml")
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path} (check the path; configs/ holds the shipped ones)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8 YAML") from None
+    except OSError as err:  # unreadable: permissions, a special file
+        raise ValueError(f"cannot read config file {path}: {err.strerror}; check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if data is None:  # empty, or only comments
+        raise ValueError(f"config file {path} is empty; give at least one section (model: or train:), "
+                         "e.g. copy configs/shakespeare-dense.yaml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections (model:, train:), "
+                         f"got a YAML {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
@@ -222,10 +289,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     The key must exist in the dataclasses: ``--set train.lrr=1`` is an error naming ``train.lrr``.
     """
-    data = json.loads(json.dumps(data))  # deep copy
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set train.lr=2e-3)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         cls = Config
@@ -241,10 +308,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 if not is_dataclass(kind):
                     raise ValueError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")
                 cls = kind
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                             "quote text that holds YAML syntax, e.g. key='[x'") from None
         parent = data
-        for part in parts[:-1]:
-            if parent.get(part) is None:
-                parent[part] = {}
-            parent = parent[part]
-        parent[parts[-1]] = yaml.safe_load(raw)
+        for i, part in enumerate(parts[:-1]):
+            parent = parent.setdefault(part, {})
+            if parent is None:
+                raise _null_error(".".join(parts[: i + 1]))
+            if not isinstance(parent, dict):
+                raise ValueError(f"{'.'.join(parts[: i + 1])} must be a mapping, got {parent!r}")
+        parent[parts[-1]] = value
     return data

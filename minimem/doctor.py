@@ -16,6 +16,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from minimem.guards import usage_error
+
 PACKAGES = ("torch", "triton", "numpy")
 INSTALL_FIX = "run `make venv` in the repository (or `pip install -r requirements.txt && pip install -e .`)"
 
@@ -143,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: minimem doctor\n\n" + __doc__.strip())
         return 0
     if argv:
-        print(f"minimem doctor: takes no arguments, got {' '.join(argv)}", file=sys.stderr)
-        return 2
+        return usage_error("minimem doctor", f"takes no arguments, got {' '.join(argv)}; run `minimem doctor` alone")
     print("minimem doctor")
     checks = check_versions()
     for check in checks:

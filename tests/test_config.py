@@ -67,8 +67,39 @@ def test_bad_keys_and_types_name_the_field(tmp_path, data, overrides, message):
 def test_missing_and_unparsable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config file not found: .*nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ValueError, match="not valid YAML"):
-        load_config(write(tmp_path, "model: [1, 2\n"))
+    with pytest.raises(ValueError, match="not valid YAML") as err:
+        load_config(write(tmp_path, "model:\n  n_layer: [1, 2\n"))
+    # yaml's own message spans four lines; the loader's is one, with the place of the problem
+    assert "\n" not in str(err.value) and str(err.value).endswith("at line 3, column 1")
+    with pytest.raises(ValueError, match=r"--set 'train\.lr=\[': the value is not valid YAML") as err:
+        load_config(write(tmp_path, {}), ["train.lr=["])
+    assert "\n" not in str(err.value)
+
+
+def test_null_values_and_empty_files_are_errors_not_defaults(tmp_path):
+    with pytest.raises(ValueError, match=r"c\.yaml is empty"):
+        load_config(write(tmp_path, "# nothing here\n"))
+    with pytest.raises(ValueError, match=r"^model is null; give it a value, or leave the key out"):
+        load_config(write(tmp_path, "model: null\n"))
+    with pytest.raises(ValueError, match=r"train\.lr is null"):
+        load_config(write(tmp_path, {"train": {"lr": None}}))
+    with pytest.raises(ValueError, match=r"model is null"):  # --set cannot fill a null section either
+        load_config(write(tmp_path, "model: null\n"), ["model.n_layer=2"])
+    assert load_config(write(tmp_path, "{}\n")) == Config()  # an explicit empty mapping: every default
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.lr=.inf", "train.lr=-.inf", "train.lr=nan",
+                                      "train.beta2=.nan", "model.dropout=.nan", "model.memory.sigma_s=.inf"])
+def test_every_float_field_rejects_nan_and_inf(tmp_path, override):
+    field = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number"):
+        load_config(write(tmp_path, {}), [override])
+
+
+def test_threads_zero_keeps_the_default_and_negative_is_an_error(tmp_path):
+    assert load_config(write(tmp_path, {}), ["train.threads=0"]).train.threads == 0
+    with pytest.raises(ValueError, match=r"train\.threads must be in \[0, 1024\] \(0 keeps torch's default\)"):
+        load_config(write(tmp_path, {}), ["train.threads=-1"])
 
 
 # ----------------------------------------------------------------------------- validation

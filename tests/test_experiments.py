@@ -265,6 +265,19 @@ def test_resume_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, mon
     assert _non_timing(resumed)[1:] == _non_timing(first)[1:]
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"runs": [{"name": "dense", "se', r"init_stability\.json is not valid JSON \(.* at line 1, column \d+\)"),
+    ('{"runs": {"name": "dense"}}', r"init_stability\.json is not an experiment results file"),
+])
+def test_resume_refuses_a_torn_results_file_and_keeps_it(tmp_path, text, message):
+    path = tmp_path / "init_stability.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        run_experiment("init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False,
+                       resume=True)
+    assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["init_stability.json"]
+
+
 def test_ultramem_ablations_remove_one_mechanism_each_at_equal_activated_parameters():
     from minimem.experiments import ultramem_ablations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from minimem.guards import usage_error
+
 BENCHES = {
     "lookup": "minimem.bench.lookup",  # fused memory lookup: Triton vs eager vs torch.compile
     "retrieval": "minimem.bench.retrieval",  # product-key top-m vs brute force
@@ -20,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name == "all":
-        return max(int(importlib.import_module(mod).main(rest) or 0) for mod in BENCHES.values())
+        if rest:  # each benchmark has its own flags: one set of options cannot suit them all
+            return usage_error("minimem bench", f"'all' takes no options, got {' '.join(rest)}; "
+                                                "pass options to one benchmark, e.g. minimem bench lookup --quick")
+        return max(int(importlib.import_module(mod).main([]) or 0) for mod in BENCHES.values())
     if name not in BENCHES:
-        print(f"minimem bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHES)}, all", file=sys.stderr)
-        return 2
+        return usage_error("minimem bench", f"unknown benchmark {name!r}; choose one of {', '.join(BENCHES)}, all")
     return int(importlib.import_module(BENCHES[name]).main(rest) or 0)

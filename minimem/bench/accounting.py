@@ -7,13 +7,13 @@ per token at B = 1, 64 and 4096 tokens per forward step (uniform-access expectat
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from minimem import accounting
+from minimem.guards import ArgumentParser, check_output_folder, usage_error
 from minimem.config import load_config
 
 
@@ -25,27 +25,36 @@ def _human(x: float) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="minimem bench accounting", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="minimem bench accounting", description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*", help="YAML configs (default: configs/*.yaml)")
     p.add_argument("--configs-dir", default="configs", help="directory searched when no config is named")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 4096], help="tokens per forward step")
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per weight (4 fp32, 2 bf16)")
     p.add_argument("--plot", default=None, help="save the bytes-per-token plot to this PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.paths = [Path(c) for c in args.configs] or sorted(Path(args.configs_dir).glob("*.yaml"))
+    if any(b < 1 for b in args.batch_sizes):
+        p.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+    if args.dtype_bytes not in (1, 2, 4, 8):
+        p.error(f"--dtype-bytes must be 1, 2, 4 or 8 (bytes per weight), got {args.dtype_bytes}")
+    try:  # every config loads, and the plot has a folder to go to, before any work starts
+        args.models = {path: load_config(path).model for path in args.paths}
+        if args.plot is not None:
+            if Path(args.plot).is_dir():
+                raise ValueError(f"--plot {args.plot} is a folder; give the path of a .png file")
+            check_output_folder(Path(args.plot).parent, "--plot's folder")
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    paths = [Path(c) for c in args.configs] or sorted(Path(args.configs_dir).glob("*.yaml"))
-    if not paths:
-        print(f"minimem bench accounting: no configs found in {args.configs_dir}/ (name some YAML files)", file=sys.stderr)
-        return 2
-    if any(b < 1 for b in args.batch_sizes):
-        print(f"--batch-sizes must be positive integers, got {args.batch_sizes}", file=sys.stderr)
-        return 2
+    if not args.paths:
+        return usage_error("minimem bench accounting", f"no configs found in {args.configs_dir}/; name some YAML "
+                                                       "files or a --configs-dir that holds them")
     configs, rows = {}, []
-    for path in tqdm(paths, desc="accounting", unit="config"):
-        config = load_config(path).model
+    for path, config in tqdm(args.models.items(), desc="accounting", unit="config"):
         model = accounting.build_meta(config)
         params = accounting.count_parameters(model)
         flops = accounting.flops_per_token(config)

@@ -13,8 +13,8 @@ table below). Results go to benchmarks/results/<device>.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import re
 import statistics
 import time
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minimem.guards import ArgumentParser, check_output_folder, memory_problem
 from minimem.kernels.reference import memory_lookup_torch
 
 # Peak DRAM bandwidth in GB/s by device-name substring (first match wins: specific names first).
@@ -137,8 +138,15 @@ def bench_case(impl, inputs, device, repeats, warmup):
     return time_ms(forward, device, repeats, warmup), time_ms(forward_backward, device, repeats, warmup)
 
 
+def case_bytes(N, m, d_value, d_pre, T, bytes_per) -> int:
+    """A floor on the bytes one fwd+bwd case holds at once: the tables and their gradients, and the
+    eager path's gathered rows in fp32 with one product of the same size (T m (D_v + D_p) each)."""
+    width = d_value + d_pre
+    return 2 * N * width * bytes_per + 2 * T * m * width * 4
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="minimem bench lookup", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="minimem bench lookup", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="table dtype (default bfloat16 on a GPU, float32 on CPU)")
@@ -151,18 +159,53 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smallest useful run (CPU: under a minute)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
     args = p.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error(f"--device {args.device} but CUDA is not available here; use --device cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.configs = (args.configs or ("227m,1b" if gpu else "227m")).split(",")  # CPU: 1b's tables are 1.3 GB
     for name in args.configs:
         if name not in CONFIGS:
             p.error(f"--configs entries must be in {list(CONFIGS)}, got {name!r}")
+    for flag, value in (("--tokens", args.tokens), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.peak_gbps is not None and not (math.isfinite(args.peak_gbps) and args.peak_gbps > 0):
+        p.error(f"--peak-gbps must be a positive number of GB/s, got {args.peak_gbps}")
     args.tokens = args.tokens or (8192 if gpu else (256 if args.quick else 1024))
     default_sweep = ("2048,8192" if args.quick else "1024,2048,4096,8192,16384,32768") if gpu else (
         "" if args.quick else "256,4096")
     sweep = default_sweep if args.sweep is None else args.sweep
-    args.sweep = [int(t) for t in sweep.split(",") if t]
+    try:
+        args.sweep = [int(t) for t in sweep.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--sweep must be a comma list of token counts, e.g. 256,4096; got {sweep!r}")
+    if any(t < 1 for t in args.sweep):
+        p.error(f"--sweep token counts must be >= 1, got {args.sweep}")
     args.repeats = args.repeats or (3 if args.quick else 10 if gpu else 5)
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            p.error(f"--out {out} is a folder; give the path of a .json file")
+        try:
+            check_output_folder(out.parent, "--out's folder")
+        except ValueError as err:
+            p.error(str(err))
+    # Refuse sizes that cannot fit before allocating anything: the largest case decides (main()
+    # runs every config at --tokens and the sweep on the last config).
+    bytes_per = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    cases = [(c, args.tokens) for c in args.configs] + [(args.configs[-1], T) for T in args.sweep]
+    need = max(case_bytes(CONFIGS[c]["N"], CONFIGS[c]["m"], CONFIGS[c]["d_value"], CONFIGS[c]["d_pre"], T, bytes_per)
+               for c, T in cases)
+    problem = memory_problem(need, device, "--tokens / --sweep / --configs")
+    if problem:
+        p.error(problem)
     return args
 
 

@@ -8,12 +8,13 @@ point (N = 2^20, m = 32, T = 1024, D_k = 256, [PKM]'s defaults but n = 1024) and
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from tqdm import tqdm
 
+from minimem.guards import ArgumentParser, memory_problem
+from minimem.config import MAX_THREADS
 from minimem.retrieval import brute_force_topk, product_key_topk
 
 
@@ -42,8 +43,14 @@ def measure(n: int, m: int, T: int, d_key: int, brute_reps: int, fast_reps: int,
     return {"N": n * n, "m": m, "T": T, "fast_s": fast, "brute_s": brute, "ratio": brute / fast}
 
 
+def measure_bytes(n: int, T: int, d_key: int) -> int:
+    """A floor on what :func:`measure` holds at once: queries and keys, both sides' T x n scores with
+    their ranks, and one brute-force chunk of about 2^25 (at least n^2) scores with its top-m work."""
+    return 4 * d_key * (T + n) + 24 * T * n + 12 * max(2**25, n * n)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimem bench retrieval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="minimem bench retrieval", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1024, help="sub-keys per side at the headline point (N = n^2)")
     parser.add_argument("--m", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=1024, help="T, queries per call")
@@ -51,9 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=int, nargs="*", default=[64, 128, 256, 512], help="n values of the sweep")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--m", args.m), ("--tokens", args.tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.d_key < 2 or args.d_key % 2:
+        parser.error(f"--d-key must be even and >= 2 (two halves of D_k / 2), got {args.d_key}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be in [0, {MAX_THREADS}] (0: torch's default), got {args.threads}")
     too_small = [n for n in [args.n] + args.sweep if n < args.m]
     if too_small:
         parser.error(f"every n (--n, --sweep) must be >= m={args.m}, got {too_small}")
+    need = max(measure_bytes(n, args.tokens, args.d_key) for n in [args.n] + args.sweep)
+    problem = memory_problem(need, torch.device("cpu"), "--n / --sweep / --tokens / --d-key")
+    if problem:
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"product-key top-m vs brute force, CPU, {torch.get_num_threads()} threads, D_k={args.d_key}, T={args.tokens}")

@@ -24,7 +24,6 @@ make the difference between the two configs' steps.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -191,7 +190,10 @@ def print_profile(kind: str, steps: int, rows: int, against: str | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimem bench step", description=__doc__.split("\n")[0])
+    from minimem.guards import ArgumentParser
+    from minimem.config import MAX_THREADS
+
+    parser = ArgumentParser(prog="minimem bench step", description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(KINDS), choices=KINDS,
                         help="configs to time (dense is always included)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts, one table each")
@@ -207,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if any(t < 1 for t in args.threads):
-        parser.error(f"--threads must all be >= 1, got {args.threads}")
+    if any(not 1 <= t <= MAX_THREADS for t in args.threads):
+        parser.error(f"--threads must all be in [1, {MAX_THREADS}], got {args.threads}")
     if args.against and not args.profile:
         parser.error("--against needs --profile")
     if args.profile:

@@ -12,7 +12,6 @@ are only as good as its quietness.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -99,7 +98,7 @@ def reference(out: str | None) -> int:
     config = load_config(CONFIGS[0])
     config.train.out_dir = out or tempfile.mkdtemp(prefix="minimem-reference-")
     load_before = os.getloadavg()[0]
-    result = train(config)
+    result = train(config, overwrite=True)  # the reference run's folder: a rerun replaces it
     load_after = os.getloadavg()[0]
     ok_loss, ok_time = result.val_loss <= REFERENCE_VAL_LOSS, result.wall_time_s <= REFERENCE_SECONDS
     print(f"reference run ({CONFIGS[0].name}, {result.steps} steps, {torch.get_num_threads()} threads)")
@@ -111,7 +110,11 @@ def reference(out: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimem bench train", description=__doc__.split("\n")[0])
+    from minimem.guards import ArgumentParser, check_output_folder
+    from minimem.config import MAX_THREADS, load_config
+    from minimem.train import SetupError
+
+    parser = ArgumentParser(prog="minimem bench train", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per config")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--configs", nargs="+", type=Path, default=CONFIGS, help="YAML configs to time")
@@ -120,10 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be in [0, {MAX_THREADS}] (0: torch's default), got {args.threads}")
+    if args.reference and args.configs is not CONFIGS:
+        parser.error(f"--reference always runs {CONFIGS[0].name}; leave out --configs")
+    if args.out is not None and not args.reference:
+        parser.error("--out is the run folder of --reference; add --reference or leave out --out")
+    try:  # every named config loads and validates before any timing starts
+        for path in args.configs:
+            load_config(path)
+        if args.out is not None:
+            check_output_folder(args.out, "--out")
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.reference:
-        return reference(args.out)
+        try:
+            return reference(args.out)
+        except SetupError as err:  # e.g. --out already holds another run
+            parser.error(str(err))
     from tqdm.auto import tqdm
 
     rows = [throughput(path, args.steps) for path in tqdm(args.configs, desc="bench train", unit="config")]

@@ -11,15 +11,19 @@ pipeline check, not evidence) to ``runs/experiments-quick/``.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-from minimem.experiments.runner import EXPERIMENTS, load_experiment, run_experiment, seeds_for
+from minimem.guards import ArgumentParser, check_output_folder, usage_error
+from minimem.experiments.runner import EXPERIMENTS, load_experiment, read_results, run_experiment, seeds_for
+
+PROG = "minimem experiment"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minimem experiment", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, all, or report (the claims table)")
     p.add_argument("--quick", action="store_true", help="1 seed (unless --seeds), few steps: checks the pipeline")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds K (seeds 0..K-1); default 3, 1 with --quick")
@@ -43,28 +47,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'report':<15} results/README.md: every claim tested, its outcome and verdict")
         return 0
     if args.name is None:
-        build_parser().print_usage(sys.stderr)
-        print("minimem experiment: give an experiment NAME or --list", file=sys.stderr)
-        return 2
+        return usage_error(PROG, "give an experiment NAME (see --list)")
+    if args.name != "report" and args.name != "all" and args.name not in EXPERIMENTS:
+        return usage_error(PROG, f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}, all, report")
+    out = args.out or ("runs/experiments-quick" if args.quick else "results")
+    try:  # every input is checked before the first run starts, so nothing is half done
+        check_output_folder(out, "--out")
+        if args.name == "report":
+            used = [flag for flag, given in (("--quick", args.quick), ("--seeds", args.seeds is not None),
+                                             ("--jobs", args.jobs != 1), ("--resume", args.resume)) if given]
+            if used:
+                raise ValueError(f"report only reads the results in --out; leave out {', '.join(used)}")
+            names = [name for name in EXPERIMENTS if (Path(out) / f"{name}.json").is_file()]
+        else:
+            names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+            seeds = seeds_for(args.seeds if args.seeds is not None else (1 if args.quick else 3))
+            if not 1 <= args.jobs <= (os.cpu_count() or 1):
+                raise ValueError(f"--jobs must be >= 1 and at most the {os.cpu_count()} CPUs, got {args.jobs}")
+        if args.resume or args.name == "report":  # the results files they read must be whole
+            for name in names:
+                path = Path(out) / f"{name}.json"
+                if path.exists():
+                    read_results(path)  # ValueError naming the file; it stays as it is
+    except ValueError as err:
+        return usage_error(PROG, str(err))
     if args.name == "report":
         from minimem.experiments.claims import write_report
 
-        print(f"wrote {write_report(args.out or 'results')}")
+        print(f"wrote {write_report(out)}")
         return 0
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    if args.name != "all" and args.name not in EXPERIMENTS:
-        print(f"minimem experiment: unknown experiment {args.name!r}; choose one of "
-              f"{', '.join(EXPERIMENTS)}, all, report", file=sys.stderr)
-        return 2
-    try:
-        seeds = seeds_for(args.seeds if args.seeds is not None else (1 if args.quick else 3))
-    except ValueError as err:
-        print(f"minimem experiment: {err}", file=sys.stderr)
-        return 2
-    if args.jobs < 1:
-        print(f"minimem experiment: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
-    out = args.out or ("runs/experiments-quick" if args.quick else "results")
     started = time.perf_counter()
     for name in names:
         run_experiment(name, quick=args.quick, seeds=seeds, out_dir=out, progress=not args.no_progress,

@@ -338,7 +338,8 @@ def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = 
     ``quick`` and 3 otherwise. ``workers`` > 1 runs that many jobs at once in separate
     processes (one CPU thread each): the same numbers, except the clock-based ones.
     ``resume`` keeps the runs of an earlier, interrupted ``NAME.json`` in ``out_dir`` whose
-    name, seed and full config equal a job's, and runs only the others.
+    name, seed and full config equal a job's, and runs only the others (a torn ``NAME.json``
+    is a ValueError that names it, and stays as it is).
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers (--jobs) must be a positive integer, got {workers!r}")
@@ -367,8 +368,7 @@ def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = 
     jobs = [(i, with_seed(v, s), s) for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)]
     done: dict[int, dict] = {}
     if resume and json_path.exists():
-        earlier = {(r["name"], r["seed"], _config_key(r["config"])): r
-                   for r in json.loads(json_path.read_text()).get("runs", [])}
+        earlier = {(r["name"], r["seed"], _config_key(r["config"])): r for r in read_results(json_path)["runs"]}
         for index, variant, seed in jobs:
             key = (variant.name, seed, _config_key(variant.config))
             if key in earlier:
@@ -407,6 +407,28 @@ def run_experiment(name: str, quick: bool = False, seeds: Optional[list[int]] = 
         for line in notes:
             print(f"- {line}")
         print(f"\nwrote {json_path}, {out_dir / (name + '.md')} and {', '.join(str(p) for p in plots)}")
+    return result
+
+
+def read_results(path: Path) -> dict:
+    """The results JSON at ``path``: ValueError, one line naming the file, if it is torn or not one.
+
+    The runner writes it atomically, so a torn file means an editor, a full disk or a copy went wrong;
+    it is never overwritten by ``--resume``, which needs its runs.
+    """
+    fix = "repair it, or move it away to start over"
+    try:
+        result = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not a results file; {fix}") from None
+    except OSError as err:  # a folder of that name, no permission
+        raise ValueError(f"cannot read {path}: {err.strerror}; {fix}") from None
+    runs = result.get("runs") if isinstance(result, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and {"name", "seed", "config"} <= r.keys()
+                                             for r in runs):
+        raise ValueError(f"{path} is not an experiment results file (no list of runs with name, seed and config); {fix}")
     return result
 
 

@@ -41,6 +41,8 @@ class MemoryConfig:
     value_projections: int = 1  # ultramemv2: E > 1 (a perfect square) -> UltraMem's E per-block projections
 
     def validate(self, model) -> None:  # model: ModelConfig
+        from minimem.config import MAX_SIZE, MAX_SLOTS, check_range  # here: minimem.config imports this module
+
         if self.kind not in MEMORY_KINDS:
             raise ValueError(f"model.memory.kind must be one of {MEMORY_KINDS}, got {self.kind!r}")
         for layer in self.layers:
@@ -50,18 +52,20 @@ class MemoryConfig:
                 )
         if self.kind == "none":
             return
-        n = math.isqrt(self.n_slots) if self.n_slots > 0 else 0
-        if self.n_slots < 1 or n * n != self.n_slots:
+        check_range("model.memory.n_slots", self.n_slots, 1, MAX_SLOTS)
+        for name in ("heads", "rank", "cores", "expansion", "ring_group", "value_projections"):
+            check_range(f"model.memory.{name}", getattr(self, name), 1, MAX_SIZE)
+        for name in ("d_key", "d_value", "d_pre"):  # 0: the kind's default width
+            check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
+        check_range("model.memory.sigma_s", self.sigma_s, 0.0)
+        n = math.isqrt(self.n_slots)
+        if n * n != self.n_slots:
             raise ValueError(f"model.memory.n_slots must be a perfect square (N = n^2), got {self.n_slots}")
-        if self.heads < 1:
-            raise ValueError(f"model.memory.heads must be >= 1, got {self.heads}")
         if not 1 <= self.topk <= n:
             raise ValueError(f"model.memory.topk (m) must be in [1, n={n}] where n = sqrt(n_slots), got {self.topk}")
         d_key = self.d_key or model.n_embd // 2
         if d_key % 2 != 0:
             raise ValueError(f"model.memory.d_key must be even (split into two halves), got {d_key}")
-        if self.cores < 1 or self.rank < 1 or self.expansion < 1 or self.ring_group < 1:
-            raise ValueError("model.memory.cores, rank, expansion and ring_group must be >= 1")
         d_value = self.d_value or model.n_embd
         if d_value % self.cores != 0:
             raise ValueError(
@@ -69,8 +73,8 @@ class MemoryConfig:
             )
         if not isinstance(self.pre_values, bool):
             raise ValueError(f"model.memory.pre_values must be true or false, got {self.pre_values!r}")
-        root = math.isqrt(self.value_projections) if self.value_projections > 0 else 0
-        if self.value_projections < 1 or root * root != self.value_projections:
+        root = math.isqrt(self.value_projections)
+        if root * root != self.value_projections:
             raise ValueError(
                 f"model.memory.value_projections must be a perfect square >= 1 (1, 4, 9, ...), got {self.value_projections}"
             )
