@@ -1,7 +1,8 @@
 """pytest wiring of the graders: whose code they test, their points and their time limits.
 
 ``pytest exercises/graders`` grades your stubs in ``exercises/``; add ``--reference`` to grade
-minimem's own implementation. ``minimem grade`` runs the same tests and prints only the table.
+minimem's own implementation and ``--time-limit SECONDS`` to give every grader test that limit.
+``minimem grade`` runs the same tests, one chapter per child process, and prints only the table.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ use_triton_interpreter()  # before anything imports triton: chapter 7 runs its k
 def pytest_addoption(parser):
     parser.addoption(
         "--reference", action="store_true", help="grade minimem's own implementation instead of exercises/*.py"
+    )
+    parser.addoption(
+        "--time-limit", type=float, default=None, help="seconds for every grader test (default: each test's own)"
     )
 
 
@@ -36,7 +40,8 @@ def _grading_plugin(config) -> GradingPlugin | None:
 def pytest_configure(config):
     if _grading_plugin(config) is None:  # plain pytest: grade the stubs (or --reference) and print the table
         mode = REFERENCE if config.getoption("--reference", False) else LEARNER
-        config.pluginmanager.register(GradingPlugin(mode, print_table=True), "minimem-grading")
+        plugin = GradingPlugin(mode, time_limit=config.getoption("--time-limit", None), print_table=True)
+        config.pluginmanager.register(plugin, "minimem-grading")
 
 
 def _chapter_module(request) -> str:

@@ -2,9 +2,12 @@
 
 - minimem's own implementation (``--reference``) scores 100%;
 - the untouched stubs score 0, every grader failing with NotImplementedError (a negative
-  control: a grader that passes on a stub, or fails to import, is a defect);
+  control: a grader that passes on a stub, or fails to import, is a defect),
+  both graded as ``minimem grade`` grades, one child process per chapter (``run_isolated``;
+  tests/test_grading_isolation.py checks that hostile stubs cannot fool it);
 - deliberately wrong solutions (an off-by-one in top-m, a missing softmax, a transposed slice,
-  a wrong sign, ...) each lose points on their exercise;
+  a wrong sign, ...) each lose points on their exercise (graded in this process by
+  ``run_graders``, which takes solution objects);
 - a hanging solution is failed by the time limit, inside hypothesis too;
 - the stubs, graders and reference cover each other.
 """
@@ -53,12 +56,13 @@ class Patched:
 
 @pytest.fixture(scope="module")
 def reference_report():
-    return grading.run_graders(solutions=grading.REFERENCE)
+    return grading.run_isolated(solutions=grading.REFERENCE)
 
 
 def test_reference_scores_full_marks(reference_report):
     report = reference_report
     assert not report.errors, f"grader files failed to load: {report.errors}"
+    assert not report.ungraded, f"chapters without a trustworthy report: {report.ungraded}"
     failing = [f"{t.name}: {t.error}: {t.message}" for t in report.tests if not t.passed]
     assert not failing, "the reference fails graders:\n" + "\n".join(failing)
     assert report.possible > 0 and report.earned == report.possible
@@ -67,9 +71,9 @@ def test_reference_scores_full_marks(reference_report):
 
 
 def test_stubs_score_zero_with_not_implemented_errors():
-    stubs = {name: importlib.import_module(f"exercises.{name}") for name in exercises.CHAPTERS.values()}
-    report = grading.run_graders(solutions=stubs)
+    report = grading.run_isolated(solutions=grading.LEARNER)  # the stubs in this folder, untouched
     assert not report.errors, f"grader files failed to load: {report.errors}"
+    assert not report.ungraded, f"chapters without a trustworthy report: {report.ungraded}"
     assert report.tests, "no graded tests ran"
     wrong = [f"{t.name}: {t.error or 'passed'} {t.message}" for t in report.tests if t.error != "NotImplementedError"]
     assert not wrong, "graders that do not fail with NotImplementedError on the stubs:\n" + "\n".join(wrong)
@@ -263,7 +267,7 @@ def test_parse_chapter_and_bad_chapter(capsys):
 
 
 def test_cli_reference_prints_the_table(capsys):
-    code = grading.main(["--reference", "6", "-k", "TestMCPPercent"])
+    code = grading.main(["--reference", "6", "-k", "mcp_percent"])  # an exercise's name selects its graders
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "mcp_percent" in out and "(100%)" in out and "minimem's own implementation" in out
+    assert "mcp_percent" in out and "total: 4/4 points (100%)" in out and "minimem's own implementation" in out
