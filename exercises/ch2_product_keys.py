@@ -2,7 +2,7 @@
 
 Fill in each function, then grade them with ``minimem grade 2``.
 
-Setting ([PKM] §3.2, SPEC §1): a query q in R^{D_k} is split into halves q1, q2 (each of width
+Setting ([PKM] §3.2, Specification §1): a query q in R^{D_k} is split into halves q1, q2 (each of width
 d = D_k / 2). Two sub-key tables keys1, keys2, each (n, d), define N = n^2 slots: slot (i, j)
 has key concat(keys1[i], keys2[j]), score
 

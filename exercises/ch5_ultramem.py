@@ -52,7 +52,7 @@ def tucker_topk(
 
 
 def multi_core_read(values: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Exercise 5.3: the multi-core-scoring read of the value table [UM] §3.2 (SPEC §6).
+    """Exercise 5.3: the multi-core-scoring read of the value table [UM] §3.2 (Specification §6).
 
     values (N, D_v); indices (T, m) int64 in [0, N); scores (T, m, c) with D_v divisible by c.
     The value row is cut into c slices of D_v / c columns, and core k's score weights slice k:

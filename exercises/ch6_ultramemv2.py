@@ -11,7 +11,7 @@ def principled_value_std(
     target_variance: float, sigma_s: float, d_pre: int, d_value: int, topk: int, heads: int, dim: int,
     score_mean: float = 1.0,
 ) -> float:
-    """Exercise 6.1: the std of UltraMemV2's value and pre-value tables [UM2] Appendix A (SPEC §4.4).
+    """Exercise 6.1: the std of UltraMemV2's value and pre-value tables [UM2] Appendix A (Specification §4.4).
 
     Assumptions: the memory input x has unit variance; W_p (D_p x h) and W (h x D_v) have entries
     of variance 2 / (5h) (so px = W_p x has entries of variance 0.4); every top-m score s has mean
@@ -56,7 +56,7 @@ def mcp_percent(
     h: int, ffn_hidden: int, n_keys: int, d_key: int, d_value: int, d_pre: int, heads: int, rank: int,
     cores: int, topk: int,
 ) -> float:
-    """Exercise 6.3: the memory's share of compute per token (MCP) [UM2] §4.5 (SPEC §4, item 5).
+    """Exercise 6.3: the memory's share of compute per token (MCP) [UM2] §4.5 (Specification §4, item 5).
 
     One block: a dense SwiGLU FFN of inner width ``ffn_hidden`` beside an UltraMemV2 layer with an
     n x n slot grid (n = ``n_keys``), D_k = ``d_key``, D_v = ``d_value``, D_p = ``d_pre``,

@@ -6,7 +6,7 @@ before triton is imported (to run a kernel yourself in a notebook, set it first:
 ``os.environ["TRITON_INTERPRET"] = "1"`` before ``import triton``). With a CUDA GPU and without
 TRITON_INTERPRET the graders pass CUDA tensors and your kernel is compiled.
 
-The operation (SPEC §6 with one scoring core and no pre-values; [PKM]'s weighted sum of the
+The operation (Specification §6 with one scoring core and no pre-values; [PKM]'s weighted sum of the
 top-m value rows, an ``nn.EmbeddingBag`` with per-sample weights):
 
     out[t, :] = sum_{i < m} scores[t, i] * values[indices[t, i], :]

@@ -17,7 +17,7 @@ Conventions, stated once:
   Attention adds 4 h c per layer for QK^T and AV over ``c`` keys; by default c is the mean
   causal context over a full block, (block_size + 1) / 2.
 - **Bytes read** per forward step of B tokens: every dense weight once; a MoE layer's distinct
-  experts; a memory layer's distinct value rows (SPEC §3). Two numbers each: the *bound*
+  experts; a memory layer's distinct value rows (Specification §3). Two numbers each: the *bound*
   (min(B k, E) experts, min(B H m, N) rows) and the *expectation under uniform access*
   (E (1 - (1 - k/E)^B) experts, N (1 - (1 - H m/N)^B) rows: each token reads a uniformly random
   set of k experts, or H m rows). A table shared by several layers (UltraMemV2's ring) is read

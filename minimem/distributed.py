@@ -1,4 +1,4 @@
-"""Value tables sharded across ranks along the value dimension: the memory lookup of SPEC §6 on P ranks.
+"""Value tables sharded across ranks along the value dimension: the memory lookup of Specification §6 on P ranks.
 
 Why shard. A memory's value tables hold almost all of its parameters ([UM2]: 120B parameters
 of which about 2.5B are activated). Replicated on every data-parallel rank they must fit one
@@ -12,7 +12,7 @@ holds column slice r of the tables for ALL N rows:
     V_r = V[:, r D_v/P : (r+1) D_v/P]      P_r = P[:, r D_p/P : (r+1) D_p/P]
 
 One call, on every rank, computes what ``memory_lookup(V, idx, s, P, x)`` gives for the rank's
-own tokens (SPEC §6: g[t, i] = <P[idx[t, i]], x[t]>, out[t, slice k] = sum_i s[t, i, k] g[t, i]
+own tokens (Specification §6: g[t, i] = <P[idx[t, i]], x[t]>, out[t, slice k] = sum_i s[t, i, k] g[t, i]
 V[idx[t, i], slice k]):
 
 1. all-gather ``indices`` (T_r, m) and ``scores`` (T_r, m, c): every rank sees every token
@@ -273,7 +273,7 @@ def sharded_memory_lookup(
     group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(T_r, D_v): SPEC §6's lookup for this rank's tokens, from column-sharded tables (module docstring).
+    """(T_r, D_v): Specification §6's lookup for this rank's tokens, from column-sharded tables (module docstring).
 
     local_values (N, D_v/P) and local_pre_values (N, D_p/P): this rank's column slices
     (:func:`column_slice`); indices (T_r, m), scores (T_r, m, c) and pre_input (T_r, D_p, full

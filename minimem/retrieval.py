@@ -144,7 +144,7 @@ def subkey_scores_topk(s1: torch.Tensor, s2: torch.Tensor, m: int) -> tuple[torc
 
 
 def product_key_topk(q1, q2, keys1, keys2, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-m product-key retrieval [PKM] §3.2 (SPEC §6).
+    """Exact top-m product-key retrieval [PKM] §3.2 (Specification §6).
 
     q1, q2 (T, d) query halves; keys1, keys2 (n, d) sub-key tables; 1 <= m <= n.
     Returns scores (T, m), sorted descending, differentiable in the queries and keys, and flat

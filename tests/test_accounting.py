@@ -147,7 +147,7 @@ def test_memory_activated_value_rows_match_gradient():
 
 
 def _matmul_lookup(values, indices, scores, pre_values=None, pre_input=None):
-    """SPEC §6 lookup written with batched matrix products, so FlopCounterMode sees its FLOPs.
+    """Specification §6 lookup written with batched matrix products, so FlopCounterMode sees its FLOPs.
 
     The package's eager lookup uses elementwise products / embedding_bag (faster on CPU), which
     the counter does not count; the FLOP formula is checked against this matmul form instead.

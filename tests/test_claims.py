@@ -55,7 +55,7 @@ def test_report_computes_each_row_from_the_results_files(tmp_path):
     assert "| `ablations` | 12 | [0, 1, 2] | full | `abc` |" in text
     n_claims = sum(len(section) for _, section in claims.claims())
     assert f"(of {n_claims} claims)" in text and "2 reproduced, 1 not reproduced" in text
-    # SPEC §4.4 settled by a measurement made while writing: the fourth root matches, the printed root is silent
+    # Specification §4.4 settled by a measurement made while writing: the fourth root matches, the printed root is silent
     line = next(l for l in text.splitlines() if l.startswith("Measured when this file was written"))
     principled = float(line.split("(`principled`) ")[1].split(",")[0])
     assert 0.8 < principled < 1.25

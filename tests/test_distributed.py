@@ -35,7 +35,7 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 
 
 def slow_lookup(values, indices, scores, pre_values=None, pre_input=None):
-    """SPEC §6 with Python loops over tokens, slots and columns."""
+    """Specification §6 with Python loops over tokens, slots and columns."""
     T, m = indices.shape
     d_value, c = values.shape[1], scores.shape[2]
     out = torch.zeros(T, d_value, dtype=torch.float64)

@@ -68,7 +68,7 @@ def test_formula_reduces_to_the_paper_closed_form():
     target = paper_ffn_variance(k_inner, L)
     assert target == pytest.approx(0.064 * k_inner / (2 * L))
     sigma_v = principled_value_std(target, sigma_s, d_pre, d_value, m, H, h)
-    closed = 0.2 * k_inner * h / (m * H * (1 + sigma_s**2) * d_pre * d_value * L)  # sigma_V^4, SPEC §4.4
+    closed = 0.2 * k_inner * h / (m * H * (1 + sigma_s**2) * d_pre * d_value * L)  # sigma_V^4, Specification §4.4
     assert sigma_v**4 == pytest.approx(closed, rel=1e-12)
     assert memory_output_variance(sigma_v, sigma_s, d_pre, d_value, m, H, h) == pytest.approx(target, rel=1e-12)
     assert printed_value_std(target, sigma_s, d_pre, d_value, m, H, h) ** 2 == pytest.approx(closed, rel=1e-12)

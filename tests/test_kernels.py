@@ -1,4 +1,4 @@
-"""The memory lookup (SPEC §6): torch backend vs a python loop, gradcheck, Triton (interpreter) vs torch.
+"""The memory lookup (Specification §6): torch backend vs a python loop, gradcheck, Triton (interpreter) vs torch.
 
 Triton's interpreter is chosen when the kernels are defined, so TRITON_INTERPRET=1 is set here
 before anything imports minimem.kernels.triton_lookup (CPU only: on a GPU the kernels compile).
@@ -20,7 +20,7 @@ from minimem.kernels import memory_lookup  # noqa: E402
 
 
 def loop_lookup(values, indices, scores, pre_values=None, pre_input=None):
-    """SPEC §6 written slot by slot and core by core: the slow, obviously-correct version."""
+    """Specification §6 written slot by slot and core by core: the slow, obviously-correct version."""
     T, m = indices.shape
     d_value, cores = values.shape[1], scores.shape[2]
     width = d_value // cores

@@ -1,11 +1,11 @@
-"""``minimem bench lookup``: the fused memory lookup (SPEC §6) against its alternatives.
+"""``minimem bench lookup``: the fused memory lookup (Specification §6) against its alternatives.
 
 Times forward and forward+backward of
   triton    the fused kernels (minimem.kernels.triton_lookup; CUDA only, never the interpreter)
   eager     the torch reference: index_select + batched matmul, index_add_ backward
   compile   torch.compile of the eager reference
   embbag    F.embedding_bag(mode="sum", per_sample_weights) where it applies (c = 1, no pre-values)
-at the UltraMemV2 configs of SPEC §4 ([UM2] Table 10) and over a sweep of T. The physical limit
+at the UltraMemV2 configs of Specification §4 ([UM2] Table 10) and over a sweep of T. The physical limit
 is the bytes of table rows read: T m (D_v + D_p) b for the forward, twice that for
 forward+backward (the backward reads the rows again); achieved GB/s is that count over the
 time, and % peak divides by the device's peak memory bandwidth (--peak-gbps overrides the
@@ -47,7 +47,7 @@ PEAK_GBPS = [
     ("RTX 3090", 936.0),
 ]
 
-# [UM2] Table 10 (SPEC §4): N = n^2 slots, m, D_v, D_p; c = 2 scoring cores (MemoryConfig default).
+# [UM2] Table 10 (Specification §4): N = n^2 slots, m, D_v, D_p; c = 2 scoring cores (MemoryConfig default).
 CONFIGS = {
     "227m": dict(N=360**2, m=32, d_value=192, d_pre=192, cores=2),
     "1b": dict(N=528**2, m=128, d_value=768, d_pre=384, cores=2),

@@ -1,4 +1,4 @@
-"""UltraMemV2 ablations: undo each of its five changes in turn ([UM2] §4, SPEC §4).
+"""UltraMemV2 ablations: undo each of its five changes in turn ([UM2] §4, Specification §4).
 
 Baseline: ``configs/shakespeare-ultramemv2.yaml``. Variants that change the activated
 parameters (fewer memory layers, a different D_k, two heads) get their FFN width refitted
@@ -10,7 +10,7 @@ rebalancing of change 5 is exactly this trade: a wider D_k costs FFN width).
 2. single vs per-block projection: ``memory.value_projections = 4``, UltraMem's implicit value
    expansion with E = 4 projections (the key grid addresses 4 N virtual slots);
 3. pre-values vs plain values: ``memory.pre_values = false`` (o = W^T sum_i s_i V_i, its own
-   principled std); and the gate activation the paper dropped (``activation = gelu``, SPEC §4.3);
+   principled std); and the gate activation the paper dropped (``activation = gelu``, Specification §4.3);
 4. principled vs std-0.02 init (and the printed sigma_V^2 formula, ``value_init = paper``);
 5. D_k = h/2 vs smaller (h/4) and larger (h); one head vs two heads with half D_k and m
    ([UM2]: one head with doubled D_k and m beat two heads).

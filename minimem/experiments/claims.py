@@ -1,7 +1,7 @@
 """``minimem experiment report``: every paper claim the experiments test, with a verdict.
 
 Reads the experiments' JSON files in ``results/`` and writes ``results/README.md``: one row per
-claim (SPEC §3-§5 and the papers' headlines) with the toy-scale outcome, its spread over seeds,
+claim (Specification §3-§5 and the papers' headlines) with the toy-scale outcome, its spread over seeds,
 and a verdict computed by a fixed rule, never typed by hand:
 
 - a claim that A beats B (lower loss, higher accuracy, fewer divergences) is **reproduced** when
@@ -258,7 +258,7 @@ def claims() -> list[tuple[str, list[Claim]]]:
                   "here 1 CPU thread, batch 12)", "head2head", inference_judge),
         ]),
         ("Memory access", [
-            Claim("[UM] §3, SPEC §3", "A memory layer reads at most min(B H m, N) value rows per step, a MoE whole "
+            Claim("[UM] §3, Specification §3", "A memory layer reads at most min(B H m, N) value rows per step, a MoE whole "
                   "experts, so its weight traffic per token falls faster with the batch", "memory_access", access_judge),
         ]),
         ("Activation density", [
@@ -308,7 +308,7 @@ def claims() -> list[tuple[str, list[Claim]]]:
 
 
 def init_variance_check() -> str:
-    """SPEC §4.4 settled by measurement: memory / FFN output variance at init for both readings."""
+    """Specification §4.4 settled by measurement: memory / FFN output variance at init for both readings."""
     import torch
 
     from minimem.config import load_config
@@ -364,7 +364,7 @@ def report(results_dir: Path | str = REPO_ROOT / "results") -> str:
                     outcome, verdict = f"incomplete results ({type(err).__name__}: {err})", NOT_RUN
             counts[verdict] += 1
             lines.append(f"| {number} | {claim.text} | {claim.source} | `{claim.experiment}` | {outcome} | **{verdict}** |")
-    lines += ["", "## The sigma_V^2 / sigma_V^4 question of SPEC §4.4", "",
+    lines += ["", "## The sigma_V^2 / sigma_V^4 question of Specification §4.4", "",
               "Measured when this file was written: " + init_variance_check() + ". Only the fourth root makes the "
               "memory branch start as loud as the FFN beside it; the printed square root starts it silent "
               "(derivation in `minimem/memory/init.py` and chapter 6).", ""]

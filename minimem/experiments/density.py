@@ -1,4 +1,4 @@
-"""Activation density: top-m against total slots N for UltraMemV2 ([UM2] §5, SPEC §4).
+"""Activation density: top-m against total slots N for UltraMemV2 ([UM2] §5, Specification §4).
 
 [UM2]: "activation density beats total size": top-768 with 60B total parameters beats top-256
 with 120B total. In miniature: the UltraMemV2 config (``configs/shakespeare-ultramemv2.yaml``)

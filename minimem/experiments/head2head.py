@@ -1,6 +1,6 @@
-"""Head to head: dense, MoE-2, MoE-8, PKM, PEER, UltraMem, UltraMemV2 (SPEC §1-§5).
+"""Head to head: dense, MoE-2, MoE-8, PKM, PEER, UltraMem, UltraMemV2 (Specification §1-§5).
 
-Two comparisons, said which each time (SPEC §5):
+Two comparisons, said which each time (Specification §5):
 
 - ``active``: every model activates the dense reference's parameters per token (the
   ``configs/shakespeare-*.yaml`` widths; MoE-2 = top-2 of 8 experts, MoE-8 = top-8 of 64
@@ -38,7 +38,7 @@ from minimem.experiments.setups import (
 
 NAME = "head2head"
 CLAIM = ("Memory layers vs dense and MoE at equal activated and at equal total parameters: tiny Shakespeare "
-         "validation loss, fact memorisation, CPU tokens/s ([PKM] §4, [PEER] §3, [UM] §4, [UM2] §5; SPEC §5).")
+         "validation loss, fact memorisation, CPU tokens/s ([PKM] §4, [PEER] §3, [UM] §4, [UM2] §5; Specification §5).")
 PARITIES = ("active", "total")
 TASKS = ("shakespeare", "facts")
 ANCHOR = "moe8"  # the equal-total comparison uses this model's total parameters

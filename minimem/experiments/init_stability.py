@@ -1,4 +1,4 @@
-"""Initialisation and stability of UltraMemV2's value tables ([UM2] App. A, SPEC §4.4).
+"""Initialisation and stability of UltraMemV2's value tables ([UM2] App. A, Specification §4.4).
 
 [UM2]: without the principled initialisation training is "very prone to divergence"; the
 official code uses std 0.02 for the value tables. Here: ``memory.value_init`` in

@@ -1,4 +1,4 @@
-"""Memory access: distinct experts or value rows one decoding step touches, against batch size B (SPEC §3).
+"""Memory access: distinct experts or value rows one decoding step touches, against batch size B (Specification §3).
 
 [UM] §3: a MoE layer reads the weights of every distinct expert the batch routes to; a
 memory layer reads only the distinct value rows, at most min(B H m, N). Here, from real
@@ -21,7 +21,7 @@ from minimem.experiments.setups import experiment_train, model_config, train_and
 
 NAME = "memory_access"
 CLAIM = ("A memory layer touches at most min(B m, N) value rows per step while a MoE touches whole experts, "
-         "so its weight traffic per token falls faster with the batch ([UM] §3, SPEC §3).")
+         "so its weight traffic per token falls faster with the batch ([UM] §3, Specification §3).")
 MODELS = ("moe2", "moe8", "pkm", "ultramemv2")
 BATCHES = (1, 4, 16, 64, 256, 1024)
 FULL = dict(steps=200, eval_iters=10, batches=BATCHES)

@@ -2,7 +2,7 @@
 
 An experiment is a module in this package that defines
 
-- ``NAME`` and ``CLAIM`` (one line: the paper claim it tests, with its SPEC section),
+- ``NAME`` and ``CLAIM`` (one line: the paper claim it tests, with its Specification section),
 - ``TABLE`` : list of ``(metric, format)`` pairs shown in the markdown table,
 - ``variants(quick) -> list[Variant]`` : what to run, each a full config plus labels,
 - ``run(variant, seed, quick) -> dict`` : train / measure one variant with one seed,

@@ -1,6 +1,6 @@
 """What the experiments train and how they measure it.
 
-- The compared models (SPEC §5): ``dense``, ``moe2`` (top-2 of 8 experts), ``moe8`` (top-8
+- The compared models (Specification §5): ``dense``, ``moe2`` (top-2 of 8 experts), ``moe8`` (top-8
   of 64 fine-grained experts, [OLMoE] scaled down), ``pkm``, ``peer``, ``ultramem``,
   ``ultramemv2``, each from ``configs/shakespeare-*.yaml``, whose widths are chosen so that
   every model activates the dense reference's parameters per token (the files say how).

@@ -1,4 +1,4 @@
-"""The fused memory lookup (SPEC §6): one contract, two backends.
+"""The fused memory lookup (Specification §6): one contract, two backends.
 
 ``memory_lookup(values, indices, scores, pre_values=None, pre_input=None, backend="auto")``
 returns ``out`` of shape (T, D_v) with::
@@ -37,7 +37,7 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def check_lookup_inputs(values, indices, scores, pre_values=None, pre_input=None) -> None:
-    """Raise ValueError naming the offending argument if the inputs break the SPEC §6 contract."""
+    """Raise ValueError naming the offending argument if the inputs break the Specification §6 contract."""
     for name, t in (("values", values), ("indices", indices), ("scores", scores)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -92,7 +92,7 @@ def memory_lookup(
     pre_input: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(T, D_v) memory read: per-core weighted sum of the m selected value rows (SPEC §6)."""
+    """(T, D_v) memory read: per-core weighted sum of the m selected value rows (Specification §6)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_lookup_inputs(values, indices, scores, pre_values, pre_input)

@@ -1,6 +1,6 @@
 """The memory lookup in plain PyTorch: the reference every other backend is tested against.
 
-Contract (SPEC §6)::
+Contract (Specification §6)::
 
     g[t, i]          = <pre_values[indices[t, i]], pre_input[t]>   (1 without pre-values)
     out[t, slice k]  = sum_i scores[t, i, k] * g[t, i] * values[indices[t, i], slice k]
@@ -39,7 +39,7 @@ def memory_lookup_torch(
     pre_values: Optional[torch.Tensor] = None,
     pre_input: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """(T, D_v) weighted sum of the selected value rows, per scoring core (SPEC §6)."""
+    """(T, D_v) weighted sum of the selected value rows, per scoring core (Specification §6)."""
     T, m = indices.shape
     d_value = values.shape[1]
     cores = scores.shape[-1]

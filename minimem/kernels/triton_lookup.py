@@ -1,4 +1,4 @@
-"""The memory lookup of SPEC §6 as four Triton kernels and one ``torch.autograd.Function``.
+"""The memory lookup of Specification §6 as four Triton kernels and one ``torch.autograd.Function``.
 
     g[t, i]         = <P[idx[t, i]], x[t]>          (pre-values [UM2] §3.2; g = 1 without them)
     out[t, slice k] = sum_i s[t, i, k] g[t, i] V[idx[t, i], slice k]   (c cores, [UM] MCS)
@@ -335,6 +335,6 @@ class MemoryLookupFunction(torch.autograd.Function):
 
 
 def memory_lookup_triton(values, indices, scores, pre_values=None, pre_input=None):
-    """SPEC §6 lookup with the Triton kernels (inputs already checked by ``memory_lookup``)."""
+    """Specification §6 lookup with the Triton kernels (inputs already checked by ``memory_lookup``)."""
     _check_backend_inputs(values, scores, pre_values, pre_input)
     return MemoryLookupFunction.apply(values, indices, scores, pre_values, pre_input)

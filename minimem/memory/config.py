@@ -1,4 +1,4 @@
-"""Configuration of the memory layers (SPEC §1-§4). ``kind="none"`` means no memory.
+"""Configuration of the memory layers (Specification §1-§4). ``kind="none"`` means no memory.
 
 One dataclass serves every kind; each field says which kinds read it. Widths left at 0
 take the kind's default from the model width h (documented per field).

@@ -1,4 +1,4 @@
-"""Principled initialisation of UltraMemV2's value tables [UM2] Appendix A (SPEC §4.4).
+"""Principled initialisation of UltraMemV2's value tables [UM2] Appendix A (Specification §4.4).
 
 Idea: at initialisation the memory branch beside the FFN should add as much variance to the
 residual stream as the FFN does. Assumptions of [UM2]: the memory input x has unit variance;
@@ -37,7 +37,7 @@ models that use the paper's linear init.
 
 sigma_s is estimated by :func:`estimate_score_moments` through the layer's actual retrieval
 on random unit-variance inputs; the layer first rescales its query/key norm gains so that the
-mean top-m score is 1 (SPEC §4.4). With multi-core scoring the score that multiplies a value
+mean top-m score is 1 (Specification §4.4). With multi-core scoring the score that multiplies a value
 entry is a core's own score, so the moments are those of the per-core scores.
 """
 from __future__ import annotations

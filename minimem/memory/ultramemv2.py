@@ -1,6 +1,6 @@
 """UltraMemV2 [UM2]: a memory layer beside the FFN of every block.
 
-Five changes over UltraMem [UM] (SPEC §4):
+Five changes over UltraMem [UM] (Specification §4):
 
 1. Placement: in every block, beside the FFN; it reads the FFN's normalised input x (B, T, h)
    and its output is added to the residual together with the FFN's (``minimem.model.Block``).
