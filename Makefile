@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 
-.PHONY: help venv book book-build lab test test-fast chromium bench clean
+.PHONY: help venv book book-build lab lint test test-fast chromium bench clean
 
 help:
 	@echo "make book   - create .venv, install everything, build the course and open it"
@@ -37,10 +37,10 @@ chromium:
 # ---------------------------------------------------------------- the book
 # Jupyter Book 1.x, offline, Sphinx warnings as errors; the chapters are notebooks/*.ipynb.
 book-build: venv
-	$(PY) -m minimem.bookbuild
+	$(PY) -m minimem_tools.bookbuild
 
 book: book-build
-	@$(PY) -m minimem.bookbuild --open
+	@$(PY) -m minimem_tools.bookbuild --open
 
 # JupyterLab on the repository, chapter 0 open (--allow-root only when run as root).
 lab: venv
@@ -52,14 +52,18 @@ lab: venv
 # reproduce their saved output (after notebooks/nbval_sanitize.cfg).
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
 
-test: venv chromium book-build
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: venv chromium lint book-build
 	$(PY) -m pytest -q tests exercises/test_graders.py $(NBVAL)
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not browser" tests
 
 bench: venv
-	$(PY) -m minimem bench all
+	.venv/bin/minimem bench all
 
 clean:
 	rm -rf book/_build runs .pytest_cache

@@ -4,6 +4,7 @@ Fill in each function, then grade them with ``minimem grade 1``. Work in PyTorch
 function must accept float32 and float64 tensors and keep autograd working (no ``.numpy()``,
 no in-place writes into your inputs).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,7 @@ def moe_forward(
 
     It is E * sum_e (1/E)(1/E) = 1 when routing is perfectly balanced. Gradients flow into x,
     router_weight (through p), w13 and w2; f_e counts and carries no gradient. minimem's
-    version is ``minimem.moe.MoE``. Raise ValueError naming ``top_k`` unless 1 <= top_k <= E.
+    version is ``minimem.ffn.MoE``. Raise ValueError naming ``top_k`` unless 1 <= top_k <= E.
     """
     raise NotImplementedError("exercise 1.2: write moe_forward in exercises/ch1_ffn_memory.py")
 

@@ -13,6 +13,7 @@ queries' dtype, sorted by descending score, and indices (T, m) int64 flat slot i
 for query t. Where several slots have exactly the same score any of them may be returned; the
 graders check ties through the scores.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,8 +2,9 @@
 
 Fill in each function, then grade them with ``minimem grade 3``. Use your chapter 2
 ``product_key_topk`` (import it from ``exercises.ch2_product_keys``) or
-``minimem.retrieval.product_key_topk`` inside :func:`pkm_forward`.
+``minimem.product_keys.product_key_topk`` inside :func:`pkm_forward`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,7 +68,7 @@ def pkm_queries(x: torch.Tensor, w_query: torch.Tensor, norm: str) -> torch.Tens
 def pkm_forward(
     x: torch.Tensor, w_query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, values: torch.Tensor, m: int
 ) -> torch.Tensor:
-    """Exercise 3.4: the PKM layer's forward pass [PKM] §3 (what ``minimem.memory.pkm.PKM`` does).
+    """Exercise 3.4: the PKM layer's forward pass [PKM] §3 (what ``minimem.pkm.PKM`` does).
 
     x (T, h); w_query (H, D_k, h); keys1, keys2 (H, n, D_k / 2) the sub-keys of each head;
     values (N, h) with N = n^2 shared by all heads; 1 <= m <= n. Returns (T, h):

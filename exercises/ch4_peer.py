@@ -7,13 +7,18 @@ R^h, and computes e_i(x) = act(<u_i, x>) v_i: an MLP with one hidden neuron ([PE
 ``activation`` is one of "gelu" ([PEER]'s choice, exact erf form), "relu", "sigmoid", "silu" or
 "none" (the identity); raise ValueError naming ``activation`` and the allowed values otherwise.
 """
+
 from __future__ import annotations
 
 import torch
 
 
 def peer_experts(
-    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
     """Exercise 4.1: evaluate the routed singleton experts of every token (the PEER expert forward).
@@ -31,10 +36,16 @@ def peer_experts(
 
 
 def peer_forward(
-    x: torch.Tensor, w_query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
-    down: torch.Tensor, up: torch.Tensor, m: int, activation: str = "gelu",
+    x: torch.Tensor,
+    w_query: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    m: int,
+    activation: str = "gelu",
 ) -> torch.Tensor:
-    """Exercise 4.2: the PEER layer [PEER] §2 (what ``minimem.memory.peer.PEER`` does).
+    """Exercise 4.2: the PEER layer [PEER] §2 (what ``minimem.peer.PEER`` does).
 
     x (T, h); w_query (H, D_k, h); keys1, keys2 (H, n, D_k / 2); down, up (N, h) with N = n^2,
     the expert pool shared by the H heads; 1 <= m <= n. Returns (T, h):

@@ -11,6 +11,7 @@ C (r, r) scores grid cell (i, j) as
 With multi-core scoring (MCS, [UM] §3.2) there are c cores C^(1..c), ``cores`` (c, r, r), and
 C = sum_k C^(k) is the one used to select slots.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,13 +2,20 @@
 
 Fill in each function, then grade them with ``minimem grade 6``.
 """
+
 from __future__ import annotations
 
 import torch
 
 
 def principled_value_std(
-    target_variance: float, sigma_s: float, d_pre: int, d_value: int, topk: int, heads: int, dim: int,
+    target_variance: float,
+    sigma_s: float,
+    d_pre: int,
+    d_value: int,
+    topk: int,
+    heads: int,
+    dim: int,
     score_mean: float = 1.0,
 ) -> float:
     """Exercise 6.1: the std of UltraMemV2's value and pre-value tables [UM2] Appendix A (Specification §4.4).
@@ -27,14 +34,18 @@ def principled_value_std(
     the left: the grader checks which is right by simulation). Arguments: D_p = ``d_pre``,
     D_v = ``d_value``, m = ``topk``, H = ``heads``, h = ``dim``. Raise ValueError naming the
     argument if target_variance, d_pre, d_value, topk, heads, dim or score_mean is not > 0, or
-    sigma_s < 0. (minimem: ``minimem.memory.init``.)
+    sigma_s < 0. (minimem: ``minimem.init``.)
     """
     raise NotImplementedError("exercise 6.1: write principled_value_std in exercises/ch6_ultramemv2.py")
 
 
 def prevalue_read(
-    values: torch.Tensor, pre_values: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
-    px: torch.Tensor, w_out: torch.Tensor,
+    values: torch.Tensor,
+    pre_values: torch.Tensor,
+    indices: torch.Tensor,
+    scores: torch.Tensor,
+    px: torch.Tensor,
+    w_out: torch.Tensor,
 ) -> torch.Tensor:
     """Exercise 6.2: UltraMemV2's read with PEER-style pre-values and one output projection [UM2] §3.2.
 
@@ -53,15 +64,23 @@ def prevalue_read(
 
 
 def mcp_percent(
-    h: int, ffn_hidden: int, n_keys: int, d_key: int, d_value: int, d_pre: int, heads: int, rank: int,
-    cores: int, topk: int,
+    h: int,
+    ffn_hidden: int,
+    n_keys: int,
+    d_key: int,
+    d_value: int,
+    d_pre: int,
+    heads: int,
+    rank: int,
+    cores: int,
+    topk: int,
 ) -> float:
     """Exercise 6.3: the memory's share of compute per token (MCP) [UM2] §4.5 (Specification §4, item 5).
 
     One block: a dense SwiGLU FFN of inner width ``ffn_hidden`` beside an UltraMemV2 layer with an
     n x n slot grid (n = ``n_keys``), D_k = ``d_key``, D_v = ``d_value``, D_p = ``d_pre``,
     H = ``heads``, Tucker rank r = ``rank``, c = ``cores``, m = ``topk``. Count forward FLOPs per
-    token as 2 per multiply-add, with minimem's conventions (``minimem.memory.ultramemv2.
+    token as 2 per multiply-add, with minimem's conventions (``minimem.accounting.
     memory_flops_per_token``; norms, top-k comparisons and the shuffle are not counted):
 
         FFN:          6 h ffn_hidden                          (three h x ffn_hidden matrix products)

@@ -14,6 +14,7 @@ top-m value rows, an ``nn.EmbeddingBag`` with per-sample weights):
 values (N, D_v) float32, indices (T, m) int64 in [0, N), scores (T, m) float32, out (T, D_v)
 float32. Indices may repeat within a row: repeated slots add up.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,13 +4,14 @@
 minimem's own implementation and ``--time-limit SECONDS`` to give every grader test that limit.
 ``minimem grade`` runs the same tests, one chapter per child process, and prints only the table.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from minimem.grading import LEARNER, REFERENCE, GradingPlugin, use_triton_interpreter
+from minimem_tools.grading import LEARNER, REFERENCE, GradingPlugin, use_triton_interpreter
 
 use_triton_interpreter()  # before anything imports triton: chapter 7 runs its kernels in the interpreter
 

@@ -5,6 +5,7 @@ a map from the exercises to the package. An exercise smaller than any minimem fu
 thin adapter below that calls minimem's code with the exercise's arguments; none of them
 re-implements the mechanism. Modules are imported on first use.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,34 +15,34 @@ import torch
 REFERENCES: dict[str, dict[str, str]] = {
     "ch1_ffn_memory": {
         "swiglu_ffn": "exercises.reference:swiglu_ffn",  # minimem.model.SwiGLU
-        "moe_forward": "exercises.reference:moe_forward",  # minimem.moe.MoE
+        "moe_forward": "exercises.reference:moe_forward",  # minimem.ffn.MoE
         "expected_distinct": "minimem.accounting:expected_distinct",
         "moe_bytes_per_token": "exercises.reference:moe_bytes_per_token",  # minimem.accounting.bytes_read
     },
     "ch2_product_keys": {
-        "brute_force_topk": "minimem.retrieval:brute_force_topk",
-        "product_key_topk": "minimem.retrieval:product_key_topk",
+        "brute_force_topk": "minimem.product_keys:brute_force_topk",
+        "product_key_topk": "minimem.product_keys:product_key_topk",
     },
     "ch3_pkm": {
-        "kl_from_uniform": "minimem.memory.metrics:kl_from_uniform",
-        "usage_metrics": "minimem.memory.metrics:usage_metrics",
-        "pkm_queries": "exercises.reference:pkm_queries",  # minimem.memory.pkm.ProductKeyRouter.queries
-        "pkm_forward": "exercises.reference:pkm_forward",  # minimem.memory.pkm.PKM
+        "kl_from_uniform": "minimem.metrics:kl_from_uniform",
+        "usage_metrics": "minimem.metrics:usage_metrics",
+        "pkm_queries": "exercises.reference:pkm_queries",  # minimem.pkm.ProductKeyRouter.queries
+        "pkm_forward": "exercises.reference:pkm_forward",  # minimem.pkm.PKM
     },
     "ch4_peer": {
-        "peer_experts": "exercises.reference:peer_experts",  # minimem.memory.peer.PEER, routing given
-        "peer_forward": "exercises.reference:peer_forward",  # minimem.memory.peer.PEER
+        "peer_experts": "exercises.reference:peer_experts",  # minimem.peer.PEER, routing given
+        "peer_forward": "exercises.reference:peer_forward",  # minimem.peer.PEER
     },
     "ch5_ultramem": {
-        "rank1_core": "minimem.retrieval:rank1_core",
-        "tucker_topk": "minimem.retrieval:tucker_topk",
+        "rank1_core": "minimem.tucker:rank1_core",
+        "tucker_topk": "minimem.tucker:tucker_topk",
         "multi_core_read": "exercises.reference:multi_core_read",  # minimem.kernels.memory_lookup
-        "implicit_value_expansion": "exercises.reference:implicit_value_expansion",  # minimem.memory.ultramem.UltraMem
+        "implicit_value_expansion": "exercises.reference:implicit_value_expansion",  # minimem.ultramem.UltraMem
     },
     "ch6_ultramemv2": {
-        "principled_value_std": "minimem.memory.init:principled_value_std",
+        "principled_value_std": "minimem.init:principled_value_std",
         "prevalue_read": "exercises.reference:prevalue_read",  # memory_lookup with pre-values + W
-        "mcp_percent": "exercises.reference:mcp_percent",  # minimem.memory.ultramemv2.mcp_percent
+        "mcp_percent": "exercises.reference:mcp_percent",  # minimem.accounting.mcp_percent
     },
     "ch7_triton": {
         "weighted_gather": "exercises.reference:weighted_gather",  # minimem.kernels.memory_lookup, triton backend
@@ -93,9 +94,9 @@ def swiglu_ffn(x, w1, w3, w2):
 
 
 def moe_forward(x, router_weight, w13, w2, top_k):
-    """``minimem.moe.MoE`` with the given weights and aux_loss_weight 1: returns (out, aux_loss)."""
+    """``minimem.ffn.MoE`` with the given weights and aux_loss_weight 1: returns (out, aux_loss)."""
     from minimem.config import MoEConfig
-    from minimem.moe import MoE
+    from minimem.ffn import MoE
 
     n_experts, h, two_d = w13.shape
     config = MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=two_d // 2, aux_loss_weight=1.0)
@@ -113,8 +114,9 @@ def moe_bytes_per_token(n_experts, top_k, h, d_expert, batch_tokens, dtype_bytes
     from minimem import accounting
     from minimem.config import ModelConfig, MoEConfig
 
-    config = ModelConfig(n_layer=1, n_head=1, n_embd=h, ffn="moe",
-                         moe=MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=d_expert))
+    config = ModelConfig(
+        n_layer=1, n_head=1, n_embd=h, ffn="moe", moe=MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=d_expert)
+    )
     return accounting.bytes_read(config, batch_tokens, dtype_bytes)["moe_expected"] / batch_tokens
 
 
@@ -134,16 +136,23 @@ class _Method(torch.nn.Module):
 
 def _product_key_config(kind, h, heads, n, d_key, m, query_norm="layernorm", activation="none"):
     """A one-block ModelConfig whose memory is ``kind`` with the exercise's sizes (h even: one head)."""
-    from minimem.config import ModelConfig
-    from minimem.memory.config import MemoryConfig
+    from minimem.config import MemoryConfig, ModelConfig
 
-    memory = MemoryConfig(kind=kind, n_slots=n * n, heads=heads, topk=m, d_key=d_key, query_norm=query_norm,
-                          activation=activation, cores=1)
+    memory = MemoryConfig(
+        kind=kind,
+        n_slots=n * n,
+        heads=heads,
+        topk=m,
+        d_key=d_key,
+        query_norm=query_norm,
+        activation=activation,
+        cores=1,
+    )
     return ModelConfig(n_layer=1, n_head=1, n_embd=h, memory=memory)
 
 
 def _router_weights(w_query, keys1=None, keys2=None):
-    """Parameter names of ``minimem.memory.pkm.ProductKeyRouter`` -> the exercise's tensors."""
+    """Parameter names of ``minimem.pkm.ProductKeyRouter`` -> the exercise's tensors."""
     heads, d_key, h = w_query.shape
     weights = {"query.weight": w_query.reshape(heads * d_key, h)}
     if keys1 is not None:
@@ -157,8 +166,8 @@ def _norm_weights(prefix, shape, like):
 
 def pkm_queries(x, w_query, norm):
     """``ProductKeyRouter.queries`` of a PKM built with ``query_norm=norm`` (training mode, no affine)."""
-    from minimem.memory.config import QUERY_NORMS
-    from minimem.memory.pkm import PKM
+    from minimem.config import QUERY_NORMS
+    from minimem.pkm import PKM
 
     if norm not in QUERY_NORMS:
         raise ValueError(f"norm must be one of {QUERY_NORMS}, got {norm!r}")
@@ -176,8 +185,8 @@ def pkm_queries(x, w_query, norm):
 
 
 def pkm_forward(x, w_query, keys1, keys2, values, m):
-    """``minimem.memory.pkm.PKM`` with the given weights (LayerNorm queries without gain or bias)."""
-    from minimem.memory.pkm import PKM
+    """``minimem.pkm.PKM`` with the given weights (LayerNorm queries without gain or bias)."""
+    from minimem.pkm import PKM
 
     heads, d_key, h = w_query.shape
     module = PKM(_product_key_config("pkm", h, heads, keys1.shape[1], d_key, m), 0).to(x.dtype)
@@ -186,14 +195,18 @@ def pkm_forward(x, w_query, keys1, keys2, values, m):
 
 
 def peer_forward(x, w_query, keys1, keys2, down, up, m, activation="gelu"):
-    """``minimem.memory.peer.PEER`` with the given weights (LayerNorm queries without gain or bias)."""
-    from minimem.memory.peer import PEER
+    """``minimem.peer.PEER`` with the given weights (LayerNorm queries without gain or bias)."""
+    from minimem.peer import PEER
 
     heads, d_key, h = w_query.shape
     config = _product_key_config("peer", h, heads, keys1.shape[1], d_key, m, activation=activation)
     module = PEER(config, 0).to(x.dtype)
-    weights = {**_router_weights(w_query, keys1, keys2), **_norm_weights("query_norm", d_key, x),
-               "down": down, "up": up}
+    weights = {
+        **_router_weights(w_query, keys1, keys2),
+        **_norm_weights("query_norm", d_key, x),
+        "down": down,
+        "up": up,
+    }
     return torch.func.functional_call(module, weights, (x.unsqueeze(0),)).squeeze(0)
 
 
@@ -204,7 +217,7 @@ def peer_experts(x, indices, weights, down, up, activation):
     """
     import math
 
-    from minimem.memory.peer import PEER
+    from minimem.peer import PEER
 
     T, k = indices.shape
     n = math.isqrt(down.shape[0])
@@ -234,20 +247,27 @@ class _GivenRetrieval(torch.nn.Module):
 
 
 def implicit_value_expansion(values, rows, blocks, scores, projections):
-    """``minimem.memory.ultramem.UltraMem.forward`` with its retrieval returning the given slots.
+    """``minimem.ultramem.UltraMem.forward`` with its retrieval returning the given slots.
 
     The identity shuffle makes virtual slot ``block * N + row`` physical row ``row`` of block
     ``block``. The module needs N and E perfect squares and m <= sqrt(N).
     """
-    from minimem.config import ModelConfig
-    from minimem.memory.config import MemoryConfig
-    from minimem.memory.ultramem import UltraMem
+    from minimem.config import MemoryConfig, ModelConfig
+    from minimem.ultramem import UltraMem
 
     n_slots, d_value = values.shape
     expansion, _, h = projections.shape
     T, m, cores = scores.shape
-    memory = MemoryConfig(kind="ultramem", n_slots=n_slots, topk=m, d_key=2, d_value=d_value, cores=cores,
-                          expansion=expansion, skip=[[0, 1]])
+    memory = MemoryConfig(
+        kind="ultramem",
+        n_slots=n_slots,
+        topk=m,
+        d_key=2,
+        d_value=d_value,
+        cores=cores,
+        expansion=expansion,
+        skip=[[0, 1]],
+    )
     module = UltraMem(ModelConfig(n_layer=2, n_head=1, n_embd=h, memory=memory), 0, 1).to(values.dtype)
     module.retrieval = _GivenRetrieval(scores, blocks * n_slots + rows)
     weights = {
@@ -269,13 +289,21 @@ def prevalue_read(values, pre_values, indices, scores, px, w_out):
 
 
 def mcp_percent(h, ffn_hidden, n_keys, d_key, d_value, d_pre, heads, rank, cores, topk):
-    """``minimem.memory.ultramemv2.mcp_percent`` of a one-block model with these sizes (h even)."""
-    from minimem.config import ModelConfig
-    from minimem.memory.config import MemoryConfig
-    from minimem.memory.ultramemv2 import mcp_percent as model_mcp_percent
+    """``minimem.accounting.mcp_percent`` of a one-block UltraMemV2 model with these sizes (h even)."""
+    from minimem.accounting import mcp_percent as model_mcp_percent
+    from minimem.config import MemoryConfig, ModelConfig
 
-    memory = MemoryConfig(kind="ultramemv2", n_slots=n_keys * n_keys, heads=heads, topk=topk, d_key=d_key,
-                          d_value=d_value, d_pre=d_pre, rank=rank, cores=cores)
+    memory = MemoryConfig(
+        kind="ultramemv2",
+        n_slots=n_keys * n_keys,
+        heads=heads,
+        topk=topk,
+        d_key=d_key,
+        d_value=d_value,
+        d_pre=d_pre,
+        rank=rank,
+        cores=cores,
+    )
     return model_mcp_percent(ModelConfig(n_layer=1, n_head=1, n_embd=h, ffn_hidden=ffn_hidden, memory=memory))
 
 

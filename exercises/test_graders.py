@@ -11,6 +11,7 @@
 - a hanging solution is failed by the time limit, inside hypothesis too;
 - the stubs, graders and reference cover each other.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 import exercises
 from exercises.reference import REFERENCES, namespace
-from minimem import grading
+from minimem_tools import grading
 
 EXERCISES = Path(__file__).resolve().parent
 
@@ -113,13 +114,13 @@ def _pk_topk_off_by_one(q1, q2, keys1, keys2, m):
 
 def _pk_topk_brute_force(q1, q2, keys1, keys2, m):
     """Right answer, wrong cost: scores all n^2 slots."""
-    from minimem.retrieval import brute_force_topk
+    from minimem.product_keys import brute_force_topk
 
     return brute_force_topk(q1, q2, keys1, keys2, m)
 
 
 def _pkm_forward_without_softmax(x, w_query, keys1, keys2, values, m):
-    from minimem.retrieval import multihead_product_key_topk
+    from minimem.product_keys import multihead_product_key_topk
 
     heads, d_key, h = w_query.shape
     q = F.layer_norm(torch.einsum("kdh,th->tkd", w_query, x), (d_key,), eps=1e-5)
@@ -149,7 +150,7 @@ def _moe_forward_swapped_halves(x, router_weight, w13, w2, top_k):
 
 
 def _rank1_core_wrong_sign(core):
-    from minimem.retrieval import rank1_core
+    from minimem.tucker import rank1_core
 
     u, t = rank1_core(core)
     return -u, -t
@@ -190,16 +191,32 @@ def _weighted_gather_in_torch(values, indices, scores):
 
 WRONG_SOLUTIONS = {
     "off-by-one in top-m": ("ch2_product_keys", "TestProductKeyTopk", {"product_key_topk": _pk_topk_off_by_one}),
-    "brute force in the fast path": ("ch2_product_keys", "TestProductKeyTopk", {"product_key_topk": _pk_topk_brute_force}),
+    "brute force in the fast path": (
+        "ch2_product_keys",
+        "TestProductKeyTopk",
+        {"product_key_topk": _pk_topk_brute_force},
+    ),
     "missing softmax": ("ch3_pkm", "TestPKMForward", {"pkm_forward": _pkm_forward_without_softmax}),
     "transposed core slice": ("ch5_ultramem", "TestMultiCoreRead", {"multi_core_read": _multi_core_read_transposed}),
     "swapped W1 / W3 slices": ("ch1_ffn_memory", "TestMoEForward", {"moe_forward": _moe_forward_swapped_halves}),
     "wrong sign convention": ("ch5_ultramem", "TestRank1Core", {"rank1_core": _rank1_core_wrong_sign}),
     "wrong sign in the KL": ("ch3_pkm", "TestKLFromUniform", {"kl_from_uniform": _kl_wrong_sign}),
-    "hard-coded answer": ("ch1_ffn_memory", "TestExpectedDistinct", {"expected_distinct": _expected_distinct_hard_coded}),
-    "sigma_V^2 as printed": ("ch6_ultramemv2", "TestPrincipledValueStd", {"principled_value_std": _value_std_printed_form}),
+    "hard-coded answer": (
+        "ch1_ffn_memory",
+        "TestExpectedDistinct",
+        {"expected_distinct": _expected_distinct_hard_coded},
+    ),
+    "sigma_V^2 as printed": (
+        "ch6_ultramemv2",
+        "TestPrincipledValueStd",
+        {"principled_value_std": _value_std_printed_form},
+    ),
     "PEER scoring every expert": ("ch4_peer", "TestPEERExperts", {"peer_experts": _peer_experts_scoring_all}),
-    "lossy scatter-add": ("ch7_triton", "TestWeightedGatherBackward", {"weighted_gather_backward": _gather_backward_lossy}),
+    "lossy scatter-add": (
+        "ch7_triton",
+        "TestWeightedGatherBackward",
+        {"weighted_gather_backward": _gather_backward_lossy},
+    ),
     "no Triton kernel": ("ch7_triton", "TestWeightedGather", {"weighted_gather": _weighted_gather_in_torch}),
 }
 
@@ -208,7 +225,9 @@ WRONG_SOLUTIONS = {
 def test_wrong_solution_is_caught(mistake):
     chapter_module, grader_class, replacements = WRONG_SOLUTIONS[mistake]
     number = next(n for n, name in exercises.CHAPTERS.items() if name == chapter_module)
-    report = grading.run_graders([number], {chapter_module: Patched(chapter_module, **replacements)}, select=grader_class)
+    report = grading.run_graders(
+        [number], {chapter_module: Patched(chapter_module, **replacements)}, select=grader_class
+    )
     assert report.tests and not report.errors
     failed = [t for t in report.tests if not t.passed]
     assert failed, f"{mistake}: every grader of {grader_class} passed a wrong solution"
@@ -227,8 +246,9 @@ def _hang(*args, **kwargs):
 def test_hanging_solution_fails_on_time_even_under_hypothesis():
     solutions = {"ch1_ffn_memory": Patched("ch1_ffn_memory", expected_distinct=_hang)}
     start = time.monotonic()
-    report = grading.run_graders([1], solutions, time_limit=1.0,
-                                 select="TestExpectedDistinct and (test_limits or test_matches_simulation)")
+    report = grading.run_graders(
+        [1], solutions, time_limit=1.0, select="TestExpectedDistinct and (test_limits or test_matches_simulation)"
+    )
     elapsed = time.monotonic() - start
     assert len(report.tests) == 2, [t.name for t in report.tests]
     assert all(not t.passed and t.error == "GraderTimeout" for t in report.tests), report.tests

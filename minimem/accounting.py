@@ -23,11 +23,10 @@ Conventions, stated once:
   set of k experts, or H m rows). A table shared by several layers (UltraMemV2's ring) is read
   once per layer that uses it, so it is counted per use.
 """
+
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -35,7 +34,10 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from minimem.config import ModelConfig
+from minimem.config import ModelConfig, memory_layers
+from minimem.ffn import MoE, SwiGLU
+from minimem.model import GPT
+from minimem.ultramemv2 import ring_groups
 
 PARTS = ("embedding", "attention", "norm", "ffn", "moe", "memory")
 
@@ -80,8 +82,6 @@ def build_meta(config: ModelConfig) -> nn.Module:
     Monte Carlo score calibration) are skipped: every ``reset_memory_parameters`` of a minimem
     module is a no-op while building. Falls back to a real CPU build if meta still fails.
     """
-    from minimem.model import GPT
-
     try:
         with torch.device("meta"), _skip_memory_init():
             return GPT(config)
@@ -89,15 +89,8 @@ def build_meta(config: ModelConfig) -> nn.Module:
         return GPT(config)
 
 
-MEMORY_MODULES = ("minimem.moe", "minimem.memory.pkm", "minimem.memory.peer", "minimem.memory.ultramem",
-                  "minimem.memory.ultramemv2")
-
-
 @contextlib.contextmanager
 def _skip_memory_init():
-    for name in MEMORY_MODULES:  # import them so that their classes are found below
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
     classes, stack = [], [nn.Module]
     while stack:  # every nn.Module subclass defined in minimem with its own reset_memory_parameters
         cls = stack.pop()
@@ -128,9 +121,6 @@ def is_memory_value(param: torch.Tensor) -> bool:
 
 def memory_modules(model: nn.Module) -> list[nn.Module]:
     """The memory layers of a GPT, in forward order (FFN replacements, beside-FFN, skip-layer)."""
-    from minimem.model import SwiGLU
-    from minimem.moe import MoE
-
     out = []
     for block in model.blocks:
         if not isinstance(block.ffn, (SwiGLU, MoE)):
@@ -142,15 +132,10 @@ def memory_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def moe_modules(model: nn.Module) -> list[nn.Module]:
-    from minimem.moe import MoE
-
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def _part_of(model: nn.Module, name: str) -> str:
-    from minimem.model import SwiGLU
-    from minimem.moe import MoE
-
     head = name.split(".")[0]
     if head in ("tok_emb", "lm_head"):
         return "embedding"
@@ -217,7 +202,9 @@ def access_structure(model: nn.Module) -> _Structure:
             width = sum(p.numel() // n_rows for p in tables)
             table = _Table(n_rows, width, min(reads, n_rows))
         mem_layers.append(_MemoryLayer(always, table))
-    activated["memory"] = sum(m.always + (m.table.reads_per_token * m.table.width if m.table else 0) for m in mem_layers)
+    activated["memory"] = sum(
+        m.always + (m.table.reads_per_token * m.table.width if m.table else 0) for m in mem_layers
+    )
 
     experts = sum(m.n_experts * m.per_expert for m in moe_layers)
     memory_tables = sum(p.numel() for p in model.parameters() if is_memory_value(p))
@@ -237,20 +224,25 @@ def count_parameters(model_or_config: Union[nn.Module, ModelConfig]) -> dict:
 
 
 def memory_dims(config: ModelConfig) -> dict:
-    """Resolved memory widths: n, D_k (0 -> h/2), D_v (0 -> h), D_p (0 -> D_v/3)."""
+    """Resolved memory sizes: n, D_k, D_v, D_p (:meth:`minimem.config.MemoryConfig.widths`), H, m, r, c, E."""
     mem, h = config.memory, config.n_embd
-    d_value = mem.d_value or h
+    d_key, d_value, d_pre = mem.widths(h)
     return dict(
-        N=mem.n_slots, n=math.isqrt(mem.n_slots), H=mem.heads, m=mem.topk,
-        d_key=mem.d_key or h // 2, d_value=d_value,
-        d_pre=0 if mem.kind == "ultramemv2" and not mem.pre_values else mem.d_pre or d_value // 3,
-        r=mem.rank, c=mem.cores, E=mem.value_projections if mem.kind == "ultramemv2" else mem.expansion, h=h,
+        N=mem.n_slots,
+        n=math.isqrt(mem.n_slots),
+        H=mem.heads,
+        m=mem.topk,
+        d_key=d_key,
+        d_value=d_value,
+        d_pre=d_pre,
+        r=mem.rank,
+        c=mem.cores,
+        E=mem.value_projections if mem.kind == "ultramemv2" else mem.expansion,
+        h=h,
     )
 
 
 def n_memory_layers(config: ModelConfig) -> int:
-    from minimem.memory import memory_layers
-
     if config.memory.kind == "none":
         return 0
     if config.memory.kind == "ultramem":
@@ -271,7 +263,11 @@ def analytic_parameters(config: ModelConfig) -> dict:
         by_part["ffn"] = (L - replaced) * 3 * h * config.ffn_hidden  # SwiGLU: W1, W3 (h x f), W2 (f x h)
     else:
         moe = config.moe
-        per_layer = h * moe.n_experts + moe.n_experts * 3 * h * moe.d_expert + (3 * h * moe.d_expert if moe.shared_expert else 0)
+        per_layer = (
+            h * moe.n_experts
+            + moe.n_experts * 3 * h * moe.d_expert
+            + (3 * h * moe.d_expert if moe.shared_expert else 0)
+        )
         by_part["moe"] = (L - replaced) * per_layer
     if n_mem:
         by_part["memory"] = sum(memory_layer_parameters(config, layer) for layer in _memory_layer_ids(config))
@@ -280,16 +276,16 @@ def analytic_parameters(config: ModelConfig) -> dict:
 
 def _memory_layer_ids(config: ModelConfig) -> list[int]:
     """Blocks holding a memory (pkm, peer, ultramemv2), or the index of each skip pair (ultramem)."""
-    from minimem.memory import memory_layers
-
     return list(range(len(config.memory.skip))) if config.memory.kind == "ultramem" else memory_layers(config)
 
 
 def _ring_rows(config: ModelConfig, layer: int) -> int:
     """Rows of the table UltraMemV2's layer ``layer`` addresses: G N for its ring group of G layers."""
-    from minimem.memory.ultramemv2 import ring_groups
-
-    group = next(g for g in ring_groups(config) if layer in g)
+    group = next((g for g in ring_groups(config) if layer in g), None)
+    if group is None:
+        raise ValueError(
+            f"layer {layer} is not a memory layer: model.memory.layers resolves to {memory_layers(config)}"
+        )
     return len(group) * config.memory.n_slots
 
 
@@ -336,15 +332,45 @@ def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _tucker_flops(config: ModelConfig, n_keys: int) -> int:
-    """TDQKR forward per token: queries, rank-wise sub-key scores, rank-1 candidate scores
-    (u^T S_row, t^T S_col), the m x m candidate grid S_row^T C S_col (C S_col first), and each
-    core's score at the m kept slots (the terms of ``ultramemv2.memory_flops_per_token``)."""
+def tucker_flops(config: ModelConfig, n_keys: int) -> dict[str, int]:
+    """TDQKR forward FLOPs per token by part, with ``n_keys`` sub-keys per side."""
     d = memory_dims(config)
     h, H, m, r, c, Dk = d["h"], d["H"], d["m"], d["r"], d["c"], d["d_key"]
-    query = 2 * h * H * r * Dk
-    per_head = 2 * r * n_keys * Dk + 2 * 2 * r * n_keys + 2 * (r * r * m + r * m * m) + 2 * c * m * (r * r + r)
-    return query + H * per_head
+    return {
+        "query": 2 * h * H * r * Dk,  # W_q: h -> H r (D_k/2 + D_k/2)
+        "keys": 2 * H * r * n_keys * Dk,  # rank-wise row and column sub-key scores
+        "candidates": 4 * H * r * n_keys,  # u^T S_row and t^T S_col
+        "grid": 2 * H * (m * r * r + m * m * r),  # rescoring the m x m grid with the full core (C S_col first)
+        "core_scores": 2 * H * m * c * (r * r + r),  # each core's score at the m chosen slots
+    }
+
+
+def memory_flops_per_token(config: ModelConfig, layer: int) -> dict[str, int]:
+    """FLOPs per token of the UltraMemV2 layer in block ``layer``, by part (Specification §4).
+
+    TDQKR over its ring table (E x its rows with the per-block-projection ablation), then the
+    pre-value projection and gate, the weighted sum of the m value rows and the output projection.
+    Norms, top-k comparisons and the shuffle are not counted.
+    """
+    d = memory_dims(config)
+    h, H, m, Dv, Dp, E = d["h"], d["H"], d["m"], d["d_value"], d["d_pre"], d["E"]
+    n_keys = math.isqrt(E * _ring_rows(config, layer))
+    return {
+        **tucker_flops(config, n_keys),
+        "pre_proj": 2 * h * Dp,  # W_p (0 without pre-values)
+        "gate": 2 * H * m * Dp,  # <P_i, px>
+        "values": 2 * H * m * Dv,  # sum_i s_i g_i V_i
+        "out_proj": 2 * E * Dv * h,  # W (E projections in the IVE ablation)
+    }
+
+
+def ffn_flops_per_token(config: ModelConfig) -> int:
+    """FLOPs per token of one block's FFN slot (SwiGLU: 3 matmuls; MoE: router + k experts)."""
+    h = config.n_embd
+    if config.ffn == "dense":
+        return 6 * h * config.ffn_hidden
+    moe = config.moe
+    return 2 * h * moe.n_experts + (moe.top_k + int(moe.shared_expert)) * 6 * h * moe.d_expert
 
 
 def memory_layer_flops(config: ModelConfig, layer: int) -> int:
@@ -362,10 +388,8 @@ def memory_layer_flops(config: ModelConfig, layer: int) -> int:
         return query + retrieval + read
     if kind == "ultramem":
         # TDQKR + weighted read of H m rows (each element times its core's score) + E projections
-        return _tucker_flops(config, math.isqrt(d["E"]) * n) + 2 * H * m * Dv + 2 * d["E"] * Dv * h
-    if kind == "ultramemv2":  # the layer's own breakdown (query, keys, grid, gate, values, W_p, W)
-        from minimem.memory.ultramemv2 import memory_flops_per_token
-
+        return sum(tucker_flops(config, math.isqrt(d["E"]) * n).values()) + 2 * H * m * Dv + 2 * d["E"] * Dv * h
+    if kind == "ultramemv2":
         return sum(memory_flops_per_token(config, layer).values())
     raise ValueError(f"model.memory.kind must be one of pkm, peer, ultramem, ultramemv2, got {kind!r}")
 
@@ -383,12 +407,7 @@ def flops_per_token(config: ModelConfig, context: Optional[float] = None) -> dic
     out = dict(attention=L * 2 * 4 * h * h, attention_context=L * 4 * h * c, lm_head=2 * h * V, ffn=0, moe=0, memory=0)
     n_mem = n_memory_layers(config)
     replaced = n_mem if config.memory.kind in ("pkm", "peer") else 0
-    if config.ffn == "dense":
-        out["ffn"] = (L - replaced) * 2 * 3 * h * config.ffn_hidden
-    else:
-        moe = config.moe
-        per_layer = 2 * h * moe.n_experts + (moe.top_k + int(moe.shared_expert)) * 2 * 3 * h * moe.d_expert
-        out["moe"] = (L - replaced) * per_layer
+    out["ffn" if config.ffn == "dense" else "moe"] = (L - replaced) * ffn_flops_per_token(config)
     if n_mem:
         out["memory"] = sum(memory_layer_flops(config, layer) for layer in _memory_layer_ids(config))
     out["forward"] = sum(out.values())
@@ -426,8 +445,14 @@ def bytes_read(model_or_config: Union[nn.Module, ModelConfig], batch_tokens: int
         raise ValueError(f"dtype_bytes must be >= 1, got {dtype_bytes}")
     s = access_structure(_as_model(model_or_config))
     B = batch_tokens
-    out = dict(batch_tokens=B, dense=s.dense * dtype_bytes, moe_bound=0.0, moe_expected=0.0,
-               memory_bound=0.0, memory_expected=0.0)
+    out = dict(
+        batch_tokens=B,
+        dense=s.dense * dtype_bytes,
+        moe_bound=0.0,
+        moe_expected=0.0,
+        memory_bound=0.0,
+        memory_expected=0.0,
+    )
     for m in s.moe:
         out["moe_bound"] += min(B * m.top_k, m.n_experts) * m.per_expert * dtype_bytes
         out["moe_expected"] += expected_distinct(m.n_experts, m.top_k, B) * m.per_expert * dtype_bytes
@@ -483,8 +508,16 @@ def measured_bytes_read(model: nn.Module, idx: torch.Tensor, dtype_bytes: int = 
         mem_bytes += r * layer.table.width * dtype_bytes
     dense = s.dense * dtype_bytes
     total = dense + moe_bytes + mem_bytes
-    return dict(batch_tokens=B, dense=dense, moe=moe_bytes, memory=mem_bytes, total=total, per_token=total / B,
-                distinct_experts=distinct_experts, distinct_rows=distinct_rows)
+    return dict(
+        batch_tokens=B,
+        dense=dense,
+        moe=moe_bytes,
+        memory=mem_bytes,
+        total=total,
+        per_token=total / B,
+        distinct_experts=distinct_experts,
+        distinct_rows=distinct_rows,
+    )
 
 
 def plot_bytes_per_token(configs: dict, batch_sizes: Iterable[int], dtype_bytes: int = 4):

@@ -19,6 +19,7 @@ older folders are deleted only after the pointer moved. A save that fails with a
 Loading verifies the hashes, so a damaged or hand-edited file is reported by name instead of
 resuming from garbage or from the wrong step.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from minimem.config import Config, config_from_dict
+from minimem.model import GPT
 
 POINTER = "checkpoint.json"
 MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "config.json", "state.json"
@@ -241,7 +243,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         needed = [STATE_FILE, CONFIG_FILE, MODEL_FILE] + [OPTIMIZER_FILE] * (path / OPTIMIZER_FILE).exists()
         unhashed = [f for f in needed if f not in hashes]
         if unhashed:
-            raise CheckpointError(f"corrupt checkpoint file {path / STATE_FILE}: it records no SHA-256 of {unhashed[0]}")
+            raise CheckpointError(
+                f"corrupt checkpoint file {path / STATE_FILE}: it records no SHA-256 of {unhashed[0]}"
+            )
     for f, digest in hashes.items():
         if f == STATE_FILE:
             if _state_sha256(state) != digest:
@@ -310,8 +314,6 @@ def restore(
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the GPT of a run (or checkpoint) folder with its trained weights, in eval mode."""
-    from minimem.model import GPT
-
     checkpoint = load_checkpoint(path)
     model = GPT(checkpoint.config.model).to(device)
     restore(checkpoint, model, rng=False)
@@ -319,6 +321,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "restore", "load_model", "capture_rng", "restore_rng", "temporary",
+    "Checkpoint",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "restore",
+    "load_model",
+    "capture_rng",
+    "restore_rng",
+    "temporary",
 ]

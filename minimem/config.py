@@ -6,6 +6,7 @@ only names what differs. Unknown keys, ``null`` values, NaN / infinite floats an
 are errors (a :class:`ValueError` with one line naming the field and the fix), never silently
 ignored or left to fail deep inside torch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-
-from minimem.memory.config import MemoryConfig
 
 FFN_KINDS = ("dense", "moe")
 # Sane upper bounds: a width, vocabulary or context in the millions, or thousands of layers, is a
@@ -39,6 +38,121 @@ def check_range(where: str, value, low, high=None) -> None:
         raise ValueError(f"{where} must be <= {high:,}, got {value:,} (a typo? sizes this large never fit)")
 
 
+# --------------------------------------------------------------------------- memory layers
+# One dataclass serves every memory kind ([PKM], [PEER], [UM], [UM2]; Specification §1-§4); each field
+# says which kinds read it. ``kind="none"`` means no memory. Widths left at 0 take the kind's default
+# from the model width h (documented per field).
+
+MEMORY_KINDS = ("none", "pkm", "peer", "ultramem", "ultramemv2")
+QUERY_NORMS = ("layernorm", "batchnorm", "none")
+VALUE_INITS = ("principled", "std0.02", "naive", "paper")
+ACTIVATIONS = ("none", "gelu", "relu", "sigmoid", "silu")
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = "none"
+    # Blocks that hold a memory. [] means the kind's default: pkm/peer the middle block,
+    # ultramemv2 every block; ultramem uses ``skip`` pairs instead.
+    layers: list[int] = field(default_factory=list)
+    n_slots: int = 4096  # N physical slots; must be a perfect square, n = sqrt(N) sub-keys per side
+    heads: int = 1  # H retrieval heads (own queries and sub-keys, shared values)
+    topk: int = 16  # m slots per token per head
+    d_key: int = 0  # D_k query/key width; 0 -> h/2 (the [UM2] rule)
+    d_value: int = 0  # D_v value width; 0 -> h (pkm, peer-free kinds)
+    d_pre: int = 0  # D_p pre-value width (ultramemv2); 0 -> d_value / 3 (the 1:3 split)
+    query_norm: str = "layernorm"  # pkm/peer: "layernorm", "batchnorm" ([PKM]) or "none"
+    softmax: bool = (
+        True  # softmax over the m scores: [PKM]/[PEER] use it; [UM] removed it (set false, as the ultramem configs do)
+    )
+    rank: int = 2  # r, Tucker rank of TDQKR (ultramem, ultramemv2)
+    cores: int = 2  # c, multi-core scoring cores (ultramem, ultramemv2)
+    expansion: int = 4  # E, implicit value expansion (ultramem)
+    skip: list[list[int]] = field(default_factory=list)  # ultramem: [[i, j], ...] read before i, add after j > i
+    activation: str = "none"  # ultramemv2 pre-value activation (none = the paper's choice); peer expert activation
+    ring_group: int = 1  # ultramemv2: layers per group sharing one value table in a ring
+    value_init: str = "principled"  # ultramemv2 value/pre-value init; pkm uses N(0, D_v^-1/2)
+    sigma_s: float = 0.0  # ultramemv2 top-m score spread; 0 -> estimated by Monte Carlo at init
+    # Ablation switches of UltraMemV2's changes 2 and 3 ([UM2] §4; the defaults are the paper's layer):
+    pre_values: bool = True  # ultramemv2: False -> plain values, o = W^T sum_i s_i V_i (no P, no W_p)
+    value_projections: int = 1  # ultramemv2: E > 1 (a perfect square) -> UltraMem's E per-block projections
+
+    def widths(self, h: int) -> tuple[int, int, int]:
+        """(D_k, D_v, D_p) with the defaults filled in (the one place they are resolved): D_k = h/2
+        (the [UM2] rule), D_v = h, D_p = D_v / 3 (the 1:3 split). D_p is 0 where the layer has no
+        pre-values: every kind but ultramemv2, and ultramemv2 with ``pre_values`` off."""
+        d_value = self.d_value or h
+        d_pre = (self.d_pre or d_value // 3) if self.kind == "ultramemv2" and self.pre_values else 0
+        return self.d_key or h // 2, d_value, d_pre
+
+    def validate(self, model) -> None:  # model: ModelConfig
+        if self.kind not in MEMORY_KINDS:
+            raise ValueError(f"model.memory.kind must be one of {MEMORY_KINDS}, got {self.kind!r}")
+        for layer in self.layers:
+            if not 0 <= layer < model.n_layer:
+                raise ValueError(
+                    f"model.memory.layers entries must be in [0, model.n_layer={model.n_layer}), got {layer}"
+                )
+        if self.kind == "none":
+            return
+        check_range("model.memory.n_slots", self.n_slots, 1, MAX_SLOTS)
+        for name in ("heads", "rank", "cores", "expansion", "ring_group", "value_projections"):
+            check_range(f"model.memory.{name}", getattr(self, name), 1, MAX_SIZE)
+        for name in ("d_key", "d_value", "d_pre"):  # 0: the kind's default width
+            check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
+        check_range("model.memory.sigma_s", self.sigma_s, 0.0)
+        n = math.isqrt(self.n_slots)
+        if n * n != self.n_slots:
+            raise ValueError(f"model.memory.n_slots must be a perfect square (N = n^2), got {self.n_slots}")
+        if not 1 <= self.topk <= n:
+            raise ValueError(f"model.memory.topk (m) must be in [1, n={n}] where n = sqrt(n_slots), got {self.topk}")
+        d_key, d_value, d_pre = self.widths(model.n_embd)
+        if d_key % 2 != 0:
+            raise ValueError(f"model.memory.d_key must be even (split into two halves), got {d_key}")
+        if self.kind == "ultramemv2" and self.pre_values and d_pre < 1:
+            raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {d_pre}")
+        if d_value % self.cores != 0:
+            raise ValueError(f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}")
+        if not isinstance(self.pre_values, bool):
+            raise ValueError(f"model.memory.pre_values must be true or false, got {self.pre_values!r}")
+        root = math.isqrt(self.value_projections)
+        if root * root != self.value_projections:
+            raise ValueError(
+                "model.memory.value_projections must be a perfect square >= 1 (1, 4, 9, ...), "
+                f"got {self.value_projections}"
+            )
+        if self.query_norm not in QUERY_NORMS:
+            raise ValueError(f"model.memory.query_norm must be one of {QUERY_NORMS}, got {self.query_norm!r}")
+        if self.value_init not in VALUE_INITS:
+            raise ValueError(f"model.memory.value_init must be one of {VALUE_INITS}, got {self.value_init!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.memory.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for pair in self.skip:
+            if len(pair) != 2:
+                raise ValueError(f"model.memory.skip entries must be [i, j] pairs, got {pair}")
+            i, j = pair
+            if not (0 <= i < model.n_layer and 0 <= j < model.n_layer):
+                raise ValueError(f"model.memory.skip pair {pair} must name blocks in [0, {model.n_layer})")
+            if j <= i:
+                raise ValueError(
+                    f"model.memory.skip pair [i, j] = {pair} needs j > i (skip-layer reads at i, adds at j)"
+                )
+        if self.kind == "ultramem" and not self.skip:
+            raise ValueError("model.memory.skip must list at least one [i, j] pair for kind 'ultramem'")
+
+
+def memory_layers(config: "ModelConfig") -> list[int]:
+    """Blocks that hold a memory for pkm / peer / ultramemv2 (the config's list or the kind's default)."""
+    mem = config.memory
+    if mem.layers:
+        return list(mem.layers)
+    if mem.kind in ("pkm", "peer"):
+        return [config.n_layer // 2]
+    if mem.kind == "ultramemv2":
+        return list(range(config.n_layer))
+    return []
+
+
 @dataclass
 class MoEConfig:
     """Mixture of experts in the FFN slot (OLMoE-style fine-grained experts)."""
@@ -52,9 +166,7 @@ class MoEConfig:
     def validate(self) -> None:
         check_range("moe.n_experts", self.n_experts, 1, MAX_SIZE)
         if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(
-                f"moe.top_k must be between 1 and moe.n_experts={self.n_experts}, got {self.top_k}"
-            )
+            raise ValueError(f"moe.top_k must be between 1 and moe.n_experts={self.n_experts}, got {self.top_k}")
         check_range("moe.d_expert", self.d_expert, 1, MAX_SIZE)
         check_range("moe.aux_loss_weight", self.aux_loss_weight, 0.0)
 
@@ -81,9 +193,7 @@ class ModelConfig:
             check_range(f"model.{name}", getattr(self, name), 1, MAX_SIZE)
         check_range("model.n_layer", self.n_layer, 1, MAX_LAYERS)
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}"
-            )
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(
                 f"model.n_embd / model.n_head = {self.n_embd // self.n_head} must be even for rotary positions"
@@ -129,7 +239,9 @@ class TrainConfig:
             check_range(f"train.{name}", getattr(self, name), 1)
         check_range("train.batch_size", self.batch_size, 1, MAX_SIZE)
         if not 0 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"train.threads must be in [0, {MAX_THREADS}] (0 keeps torch's default), got {self.threads}")
+            raise ValueError(
+                f"train.threads must be in [0, {MAX_THREADS}] (0 keeps torch's default), got {self.threads}"
+            )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
@@ -144,8 +256,7 @@ class TrainConfig:
             raise ValueError(f"train.value_lr_mult must be > 0, got {self.value_lr_mult}")
         if self.value_lr_schedule not in ("constant", "linear_decay"):
             raise ValueError(
-                "train.value_lr_schedule must be 'constant' or 'linear_decay', "
-                f"got {self.value_lr_schedule!r}"
+                f"train.value_lr_schedule must be 'constant' or 'linear_decay', got {self.value_lr_schedule!r}"
             )
 
 
@@ -266,8 +377,9 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8 YAML") from None
+        raise ValueError(
+            f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 YAML"
+        ) from None
     except OSError as err:  # unreadable: permissions, a special file
         raise ValueError(f"cannot read config file {path}: {err.strerror}; check its permissions") from None
     try:
@@ -275,11 +387,14 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:  # empty, or only comments
-        raise ValueError(f"config file {path} is empty; give at least one section (model: or train:), "
-                         "e.g. copy configs/shakespeare-dense.yaml")
+        raise ValueError(
+            f"config file {path} is empty; give at least one section (model: or train:), "
+            "e.g. copy configs/shakespeare-dense.yaml"
+        )
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of sections (model:, train:), "
-                         f"got a YAML {type(data).__name__}")
+        raise ValueError(
+            f"config file {path} must hold a mapping of sections (model:, train:), got a YAML {type(data).__name__}"
+        )
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
@@ -311,8 +426,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
-                             "quote text that holds YAML syntax, e.g. key='[x'") from None
+            raise ValueError(
+                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                "quote text that holds YAML syntax, e.g. key='[x'"
+            ) from None
         parent = data
         for i, part in enumerate(parts[:-1]):
             parent = parent.setdefault(part, {})

@@ -20,6 +20,7 @@ greedy argmax is right on every one of its tokens (one forward per batch, no sam
 For "recall" and "multiround" the train split is fresh random episodes drawn from the caller's
 generator, the val split a fixed pool of ``n_val`` episodes drawn from a seed of its own.
 """
+
 from __future__ import annotations
 
 import functools
@@ -243,8 +244,14 @@ class SyntheticDataset(Dataset):
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model, n: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 split: str = "val", batch_size: int = 64) -> dict:
+    def evaluate(
+        self,
+        model,
+        n: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        split: str = "val",
+        batch_size: int = 64,
+    ) -> dict:
         """Exact match of teacher-forced greedy argmax on the answers.
 
         ``model(x)`` may return logits (B, T, V) or a ``(logits, loss)`` tuple. Returns
@@ -403,8 +410,17 @@ class MultiRoundDataset(SyntheticDataset):
     """Multi-round memorisation: ``n_facts`` facts, then ``n_rounds`` x (distractor, ``|``, queries)."""
 
     name = "multiround"
-    _defaults = dict(n_facts=4, distractor_len=12, n_rounds=2, n_queries=2, key_len=1, value_len=1,
-                     key_vocab=26, value_vocab=10, n_val=1024)
+    _defaults = dict(
+        n_facts=4,
+        distractor_len=12,
+        n_rounds=2,
+        n_queries=2,
+        key_len=1,
+        value_len=1,
+        key_vocab=26,
+        value_vocab=10,
+        n_val=1024,
+    )
 
     def __init__(self, block_size: int, seed: int = 0, **kwargs):
         super().__init__(block_size, seed, kwargs)
@@ -432,7 +448,9 @@ class MultiRoundDataset(SyntheticDataset):
         parts = [self._items(keys, values)]
         bar = torch.full((B, 1), _QUERY_ID, dtype=torch.long)
         for _ in range(self.n_rounds):
-            parts.append(_DISTRACTOR0 + torch.randint(len(DISTRACTOR_SYMBOLS), (B, self.distractor_len), generator=generator))
+            parts.append(
+                _DISTRACTOR0 + torch.randint(len(DISTRACTOR_SYMBOLS), (B, self.distractor_len), generator=generator)
+            )
             parts.append(bar)
             asked = _distinct(B, self.n_facts, self.n_queries, generator)
             q_values = values.gather(1, asked.unsqueeze(-1).expand(-1, -1, self.value_len))
@@ -446,8 +464,12 @@ class MultiRoundDataset(SyntheticDataset):
         return self._eval_episodes(n, generator, split)
 
 
-_CLASSES = {"shakespeare": ShakespeareDataset, "facts": FactsDataset, "recall": RecallDataset,
-            "multiround": MultiRoundDataset}
+_CLASSES = {
+    "shakespeare": ShakespeareDataset,
+    "facts": FactsDataset,
+    "recall": RecallDataset,
+    "multiround": MultiRoundDataset,
+}
 
 
 def get_dataset(name: str, block_size: int, seed: int = 0, **kwargs) -> Dataset:

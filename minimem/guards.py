@@ -1,14 +1,13 @@
 """Checks that turn a bad request into one clear line before any work starts.
 
-The trainer and the command-line tools share them: argument errors in one line, an output
-folder that cannot hold what a command writes, and a job that cannot fit in the memory that
-is left. Each raises (or returns) a message that names the flag or field and the fix; the caller
-prints it as its one error line.
+The trainer and the command-line tools (:mod:`minimem_tools`) share them: an output folder that
+cannot hold what a command writes, and a job that cannot fit in the memory that is left. Each raises
+(or returns) a message that names the flag or field and the fix; the caller prints it as its one
+error line.
 """
+
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -18,19 +17,6 @@ CGROUP_LIMITS = (  # (limit, usage): cgroup v2, then v1
     (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
     (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
 )
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: message``, exit status 2 (no usage line first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def usage_error(prog: str, message: str) -> int:
-    """Print ``prog: error: message`` as one line on stderr; return the usage-error status 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def check_output_folder(path: str | Path, flag: str) -> Path:
@@ -51,7 +37,9 @@ def check_output_folder(path: str | Path, flag: str) -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot write in {existing} ({err.strerror}): choose a writable folder") from None
+        raise ValueError(
+            f"{flag} {path}: cannot write in {existing} ({err.strerror}): choose a writable folder"
+        ) from None
     return path
 
 
@@ -92,5 +80,7 @@ def memory_problem(need: int, device, flags: str) -> Optional[str]:
     have, _ = available_memory(device)
     if have is None or need <= have:
         return None
-    return (f"{flags} as given need at least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
-            f"available on {device}; lower them")
+    return (
+        f"{flags} as given need at least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
+        f"available on {device}; lower them"
+    )

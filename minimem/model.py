@@ -14,6 +14,7 @@ belong to memory value tables carry ``param.is_memory_value = True`` so the trai
 give them their own learning rate. Memory modules that initialise their own weights
 define ``reset_memory_parameters()``, called after the generic GPT-2 initialisation.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimem.config import ModelConfig
+from minimem.config import ModelConfig, memory_layers
+from minimem.ffn import MoE, SwiGLU
+from minimem.peer import PEER
+from minimem.pkm import PKM
+from minimem.ultramem import UltraMem
+from minimem.ultramemv2 import UltraMemV2
 
 
 class RMSNorm(nn.Module):
@@ -76,39 +82,38 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class SwiGLU(nn.Module):
-    """Dense feed-forward: W2 (silu(W1 x) * W3 x) (Shazeer 2020). W1 and W3 are one matrix."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w2.is_residual_projection = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w13(x).split(self.hidden, dim=-1)
-        return self.w2(F.silu(a) * b)
+# ----------------------------------------------------------------------------- the feed-forward slot
+# Where a memory goes, one question per placement: PKM and PEER *are* the FFN of their blocks;
+# UltraMemV2 sits beside the FFN of its blocks and reads the same normalised input; UltraMem reads
+# the residual stream before block i and adds its output after block j > i (skip-layer, [UM] §3).
 
 
 def build_ffn(config: ModelConfig, layer: int) -> nn.Module:
-    """What fills block ``layer``'s feed-forward slot."""
-    from minimem import memory
-
-    replacing = memory.build_ffn_replacement(config, layer)  # PKM / PEER in their layers
-    if replacing is not None:
-        return replacing
+    """What fills block ``layer``'s feed-forward slot: PKM / PEER in their blocks, else a MoE or a SwiGLU."""
+    if config.memory.kind in ("pkm", "peer") and layer in memory_layers(config):
+        return (PKM if config.memory.kind == "pkm" else PEER)(config, layer)
     if config.ffn == "moe":
-        from minimem.moe import MoE
-
         return MoE(config.n_embd, config.moe, config.n_layer)
     return SwiGLU(config.n_embd, config.ffn_hidden)
+
+
+def build_beside_ffn(config: ModelConfig, layer: int) -> Optional[nn.Module]:
+    """The memory added beside block ``layer``'s FFN (UltraMemV2), or None."""
+    if config.memory.kind == "ultramemv2" and layer in memory_layers(config):
+        return UltraMemV2(config, layer)
+    return None
+
+
+def build_skip_layers(config: ModelConfig) -> tuple[list[tuple[int, int]], list[nn.Module]]:
+    """``([(i, j), ...], [module, ...])``: the skip-layer memories (UltraMem), one per pair."""
+    if config.memory.kind != "ultramem":
+        return [], []
+    pairs = [tuple(p) for p in config.memory.skip]
+    return pairs, [UltraMem(config, i, j) for i, j in pairs]
 
 
 class Block(nn.Module):
@@ -116,13 +121,11 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        from minimem import memory
-
         self.norm1 = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.norm2 = RMSNorm(config.n_embd)
         self.ffn = build_ffn(config, layer)
-        self.memory = memory.build_beside_ffn(config, layer)  # UltraMemV2, or None
+        self.memory = build_beside_ffn(config, layer)  # UltraMemV2, or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -136,8 +139,6 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from minimem import memory
-
         config.validate()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
@@ -145,7 +146,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         # Skip-layer memories [UM]: (i, j, module) reads the residual before block i,
         # adds after block j.
-        self.skip_pairs, skip_modules = memory.build_skip_layers(config)
+        self.skip_pairs, skip_modules = build_skip_layers(config)
         self.skip_memories = nn.ModuleList(skip_modules)
         self.norm_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -161,7 +162,11 @@ class GPT(nn.Module):
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                s = std / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_projection", False) else std
+                s = (
+                    std / math.sqrt(2 * self.config.n_layer)
+                    if getattr(module, "is_residual_projection", False)
+                    else std
+                )
                 nn.init.normal_(module.weight, 0.0, s)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -13,6 +13,7 @@ Three groups, as in nanoGPT plus one for memories:
 The schedule is linear warmup to ``lr`` over ``warmup_steps`` steps, then a cosine from
 ``lr`` down to ``min_lr`` at ``max_steps`` (nanoGPT's recipe).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,11 +42,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             groups["no_decay"].append(p)
     decay = {"decay": weight_decay, "no_decay": 0.0, "memory_values": 0.0}
-    return [
-        {"name": name, "params": params, "weight_decay": decay[name]}
-        for name, params in groups.items()
-        if params
-    ]
+    return [{"name": name, "params": params, "weight_decay": decay[name]} for name, params in groups.items() if params]
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
@@ -78,9 +75,7 @@ def value_lr_multiplier(step: int, train: TrainConfig) -> float:
     if train.value_lr_schedule == "linear_decay":
         progress = min(1.0, step / max(1, train.max_steps - 1))
         return train.value_lr_mult + (1.0 - train.value_lr_mult) * progress
-    raise ValueError(
-        f"train.value_lr_schedule must be 'constant' or 'linear_decay', got {train.value_lr_schedule!r}"
-    )
+    raise ValueError(f"train.value_lr_schedule must be 'constant' or 'linear_decay', got {train.value_lr_schedule!r}")
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, train: TrainConfig) -> float:

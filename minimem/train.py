@@ -1,4 +1,4 @@
-"""``minimem train``: train a GPT (dense, MoE or with memory layers) from a YAML config.
+"""The trainer: a GPT (dense, MoE or with memory layers) from a config (``minimem train`` on the command line).
 
     minimem train --config configs/shakespeare-dense.yaml [--max-steps N] [--out DIR]
                   [--resume | --overwrite] [--set train.lr=2e-3 ...]
@@ -29,9 +29,9 @@ with answer-only masks). The MoE balance loss is computed per shard (a statistic
 shard's routing), so MoE runs match one process only approximately. Only rank 0 writes
 files and shows the progress bar.
 """
+
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -40,7 +40,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +55,20 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from minimem.accounting import analytic_parameters, memory_dims, n_memory_layers
 from minimem.checkpoint import (
-    CONFIG_FILE, POINTER, capture_rng, latest_checkpoint, load_checkpoint, restore, save_checkpoint, temporary,
+    CONFIG_FILE,
+    POINTER,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    temporary,
 )
-from minimem.config import Config, ModelConfig, load_config
-from minimem.guards import ArgumentParser, available_memory, check_output_folder
+from minimem.config import Config, ModelConfig
+from minimem.data import get_dataset
+from minimem.guards import available_memory, check_output_folder
 from minimem.model import GPT
 from minimem.optim import build_optimizer, set_learning_rates, value_lr_multiplier
 
@@ -272,8 +280,10 @@ def _open_run_folder(out: Path, resume: bool, overwrite: bool, log):
             for path in sorted(old, key=lambda p: p.name != POINTER):  # pointer first: no reader follows it
                 os.replace(path, moving / path.name)
             os.replace(moving, out / REPLACED)
-            log(f"minimem train: --overwrite: the run in {out} is set aside and deleted once this run's "
-                f"first checkpoint is complete")
+            log(
+                f"minimem train: --overwrite: the run in {out} is set aside and deleted once this run's "
+                f"first checkpoint is complete"
+            )
     except BaseException:
         lock.close()
         raise
@@ -353,8 +363,6 @@ def estimate_memory(config: Config, world_size: int = 1) -> dict:
 
     Not counted: the dataset, the evaluation batches, PyTorch itself (a few hundred MB).
     """
-    from minimem.accounting import analytic_parameters, memory_dims, n_memory_layers
-
     m = config.model
     n_params = analytic_parameters(m)["total"]
     if m.ffn == "moe":
@@ -413,8 +421,9 @@ def evaluate_loss(model: GPT, dataset, batch_size: int, iters: int, seed: int, d
 # ----------------------------------------------------------------------------- training
 
 
-def training_step(model, raw_model: GPT, optimizer, params, x, y, n_targets, world_size: int = 1,
-                  max_norm: float = math.inf) -> torch.Tensor:
+def training_step(
+    model, raw_model: GPT, optimizer, params, x, y, n_targets, world_size: int = 1, max_norm: float = math.inf
+) -> torch.Tensor:
     """One optimiser step on this rank's rows ``x, y``; returns (cross-entropy share, aux loss, grad norm).
 
     ``n_targets`` counts the targets of the *global* batch, so each rank's summed cross-entropy
@@ -475,10 +484,9 @@ def train(
             torch_dist.destroy_process_group()
 
 
-def _train(config: Config, dist: Distributed, resume: bool, last_step: int, progress: bool,
-           overwrite: bool = False) -> TrainResult:
-    from minimem.data import get_dataset
-
+def _train(
+    config: Config, dist: Distributed, resume: bool, last_step: int, progress: bool, overwrite: bool = False
+) -> TrainResult:
     tc = config.train
     out = Path(tc.out_dir)
     # ---------------------------------------------------------------- setup
@@ -524,12 +532,24 @@ def _train(config: Config, dist: Distributed, resume: bool, last_step: int, prog
             raise
         except ValueError as err:  # includes CheckpointError
             raise SetupError(str(err)) from err
-        return _train_loop(config, dist, dataset, adopted, model, optimizer, data_generator, checkpoint,
-                           last_step, progress, log)
+        return _train_loop(
+            config, dist, dataset, adopted, model, optimizer, data_generator, checkpoint, last_step, progress, log
+        )
 
 
-def _train_loop(config: Config, dist: Distributed, dataset, adopted: bool, model: GPT, optimizer, data_generator,
-                checkpoint, last_step: int, progress: bool, log) -> TrainResult:
+def _train_loop(
+    config: Config,
+    dist: Distributed,
+    dataset,
+    adopted: bool,
+    model: GPT,
+    optimizer,
+    data_generator,
+    checkpoint,
+    last_step: int,
+    progress: bool,
+    log,
+) -> TrainResult:
     """The steps from the checkpoint's (or 0) to ``last_step``, in a run folder :func:`_run_folder` owns."""
     from tqdm.auto import tqdm
 
@@ -598,7 +618,11 @@ def _train_loop(config: Config, dist: Distributed, dataset, adopted: bool, model
         values = values.tolist()
         first = step - len(values) + 1
         for i, (ce_i, aux_i, norm_i) in enumerate(values):
-            bad = [f"{what} is {v}" for what, v in (("loss", ce_i + aux_i), ("gradient norm", norm_i)) if not math.isfinite(v)]
+            bad = [
+                f"{what} is {v}"
+                for what, v in (("loss", ce_i + aux_i), ("gradient norm", norm_i))
+                if not math.isfinite(v)
+            ]
             if bad:  # the update of that step is poisoned: stop before any checkpoint takes it in
                 bar.close()
                 raise TrainingDiverged(f"{' and '.join(bad)} at step {first + i}; training stopped; {_kept(out)}")
@@ -642,61 +666,3 @@ def _train_loop(config: Config, dist: Distributed, dataset, adopted: bool, model
         f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}, {wall:.1f} s, {tokens_per_s:,.0f} tokens/s"
     )
     return TrainResult(train_loss, val_loss, step, wall, tokens_per_s, out, n_params, raw_model)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="minimem train", description="Train a model from a YAML config.")
-    parser.add_argument("--config", help="YAML config file (optional with --resume: the run's saved config)")
-    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--out", help="run folder (override train.out_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run in the run folder (kept until the new run's first checkpoint)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
-                        help="override config fields, e.g. --set train.lr=2e-3 model.n_layer=6")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The run's config: the YAML file (or, with --resume and no --config, the run's config.json) plus overrides."""
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.out is not None:
-        overrides.append(f"train.out_dir={json.dumps(args.out)}")
-    if args.config is not None:
-        return load_config(args.config, overrides)
-    if not args.resume:
-        raise ValueError("--config is required (it may be left out only with --resume)")
-    out = Path(args.out) if args.out else Path(Config().train.out_dir)
-    path = latest_checkpoint(out)
-    if path is None:
-        raise ValueError(f"--resume without --config: no checkpoint in {out}")
-    return load_config(path / "config.json", overrides)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except SetupError as err:  # bad config, --out, dataset, device or checkpoint: no traceback
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, DiskFull) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

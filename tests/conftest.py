@@ -1,4 +1,5 @@
 """Shared fixtures: one torch thread, the repository root, the built book, and Debian's chromium for browser tests."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def chromium() -> Path:
 @pytest.fixture(scope="session")
 def built_book() -> Path:
     """``book/_build/html``, (re)built first when a book source is newer than the build."""
-    from minimem.bookbuild import book_paths, build
+    from minimem_tools.bookbuild import book_paths, build
 
     html = book_paths(REPO_ROOT)["html"]
     stamp = html / "searchindex.js"  # rewritten by every build

@@ -3,13 +3,14 @@
 Each row is ``(argv, fragment)``: ``minimem <argv>`` must exit with 2 (a usage error), print
 exactly one non-empty line on stderr that holds ``fragment`` (it names the flag or config field),
 print no traceback, and leave every file and folder that existed before byte-for-byte as it was.
-The rows run through the real entry point :func:`minimem.cli.main`; a few also run as a real
+The rows run through the real entry point :func:`minimem_tools.cli.main`; a few also run as a real
 ``python -m minimem`` subprocess, to prove that nothing reaches the interpreter's traceback.
 
-argparse's own errors have the same one-line shape (``minimem.cli.ArgumentParser`` drops the usage
+argparse's own errors have the same one-line shape (``minimem_tools.cli.ArgumentParser`` drops the usage
 line argparse prints first), so every row checks the same thing. ``{tmp}`` in an argument is the
 test's folder of fixtures, made by :func:`make_fixtures`.
 """
+
 import errno
 import os
 import subprocess
@@ -21,11 +22,13 @@ import pytest
 import yaml
 
 import minimem.guards
-from minimem import cli
+from minimem_tools import cli
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "ffn_hidden": 16, "block_size": 8},
-         "train": {"max_steps": 2, "eval_iters": 1, "batch_size": 2, "threads": 1}}
+SMALL = {
+    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "ffn_hidden": 16, "block_size": 8},
+    "train": {"max_steps": 2, "eval_iters": 1, "batch_size": 2, "threads": 1},
+}
 
 
 def make_fixtures(tmp: Path) -> None:
@@ -88,7 +91,10 @@ NAN = [  # NaN or infinite floats, in a file or a --set
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.grad_clip=.NaN"], "train.grad_clip must be a finite"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "model.dropout=.nan"], "model.dropout must be a finite number"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "model.rope_base=.inf"], "model.rope_base must be a finite"),
-    (["train", "--config", "{tmp}/ok.yaml", "--set", "model.moe.aux_loss_weight=nan"], "aux_loss_weight must be a finite"),
+    (
+        ["train", "--config", "{tmp}/ok.yaml", "--set", "model.moe.aux_loss_weight=nan"],
+        "aux_loss_weight must be a finite",
+    ),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.sigma_s=.nan"], "sigma_s must be a finite number"),
     (["bench", "accounting", "{tmp}/lr-nan.yaml"], "train.lr must be a finite number"),
 ]
@@ -97,16 +103,20 @@ ABSURD = [  # sizes no machine holds: refused by the config's bounds
     (["train", "--config", "{tmp}/ok.yaml", "--set", "model.n_layer=5000000"], "model.n_layer must be <= 1,024"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "model.vocab_size=10000000000"], "model.vocab_size must be <="),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.batch_size=1000000000"], "train.batch_size must be <="),
-    (["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=pkm", "model.memory.n_slots=1000000000000"],
-     "model.memory.n_slots must be <="),
+    (
+        ["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=pkm", "model.memory.n_slots=1000000000000"],
+        "model.memory.n_slots must be <=",
+    ),
 ]
 RANGE = [  # config fields out of range
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.threads=-1"], "train.threads must be in [0, 1024]"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.threads=100000"], "train.threads must be in [0, 1024]"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.beta2=1.5"], "train.beta2 must be in [0, 1)"),
     (["train", "--config", "{tmp}/ok.yaml", "--set", "train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
-    (["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=pkm", "model.memory.d_value=-8"],
-     "model.memory.d_value must be >= 0"),
+    (
+        ["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=pkm", "model.memory.d_value=-8"],
+        "model.memory.d_value must be >= 0",
+    ),
 ]
 BENCH = [  # bench arguments out of range, odd, too large or contradictory
     (["bench", "lookup", "--tokens", "0"], "--tokens must be >= 1, got 0"),
@@ -168,16 +178,30 @@ DOCTOR_AND_CLI = [  # arguments the doctor does not take, commands that do not e
     (["doctor", "cuda", "now"], "takes no arguments, got cuda now"),
     (["nope"], "unknown command 'nope'"),
 ]
-CLASSES = {"config file": CONFIG, "null": NULL, "--set": SET, "NaN/inf": NAN, "absurd size": ABSURD,
-           "config range": RANGE, "bench": BENCH, "experiment": EXPERIMENT, "doctor and cli": DOCTOR_AND_CLI}
-ROWS = [pytest.param(argv, fragment, id=f"{kind}: {' '.join(argv)}")
-        for kind, rows in CLASSES.items() for argv, fragment in rows]
+CLASSES = {
+    "config file": CONFIG,
+    "null": NULL,
+    "--set": SET,
+    "NaN/inf": NAN,
+    "absurd size": ABSURD,
+    "config range": RANGE,
+    "bench": BENCH,
+    "experiment": EXPERIMENT,
+    "doctor and cli": DOCTOR_AND_CLI,
+}
+ROWS = [
+    pytest.param(argv, fragment, id=f"{kind}: {' '.join(argv)}")
+    for kind, rows in CLASSES.items()
+    for argv, fragment in rows
+]
 
 
 def snapshot(root: Path) -> dict:
     """Every path under ``root``: a folder's marker or a file's bytes (and mode: chmod counts too)."""
-    return {str(p.relative_to(root)): ("dir" if p.is_dir() else p.read_bytes(), p.stat().st_mode)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): ("dir" if p.is_dir() else p.read_bytes(), p.stat().st_mode)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -219,19 +243,27 @@ def test_bad_input_gets_one_line_and_changes_nothing(fixtures, capsys, argv, fra
     assert snapshot(fixtures) == before
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["train", "--config", "{tmp}/latin1.yaml"], "is not UTF-8 text"),
-    (["train", "--config", "{tmp}/ok.yaml", "--set", "train.lr=["], "is not valid YAML"),
-    (["bench", "retrieval", "--d-key", "255"], "--d-key must be even"),
-    (["bench", "lookup", "--tokens", "100000000"], "need at least"),
-    (["experiment", "density", "--resume", "--out", "{tmp}/torn"], "density.json is not valid JSON"),
-    (["doctor", "--fast"], "takes no arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--config", "{tmp}/latin1.yaml"], "is not UTF-8 text"),
+        (["train", "--config", "{tmp}/ok.yaml", "--set", "train.lr=["], "is not valid YAML"),
+        (["bench", "retrieval", "--d-key", "255"], "--d-key must be even"),
+        (["bench", "lookup", "--tokens", "100000000"], "need at least"),
+        (["experiment", "density", "--resume", "--out", "{tmp}/torn"], "density.json is not valid JSON"),
+        (["doctor", "--fast"], "takes no arguments"),
+    ],
+)
 def test_real_command_prints_no_traceback(fixtures, argv, fragment):
     argv = [a.replace("{tmp}", str(fixtures)) for a in argv]
     before = snapshot(fixtures)
-    proc = subprocess.run([sys.executable, "-m", "minimem", *argv], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "minimem_tools", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     check_one_line(proc.returncode, proc.stderr, fragment)
     assert snapshot(fixtures) == before
 

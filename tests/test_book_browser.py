@@ -4,6 +4,7 @@ The HTML checks (no external resources, every internal link and anchor resolves)
 The browser checks drive Debian's chromium through Playwright against a local http.server with
 the network closed: any request that does not go to that server is aborted and fails the test.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,17 @@ ALLOWED_LINKS = (
     "http://www.w3.org/",  # XML namespaces of inline SVG, never fetched
 )
 URL_PATTERN = re.compile(r"""https?://[^\s"'<>)\\]+""")
-RESOURCE_ATTRS = {"script": "src", "img": "src", "iframe": "src", "source": "src", "video": "src",
-                  "audio": "src", "embed": "src", "object": "data", "link": "href"}
+RESOURCE_ATTRS = {
+    "script": "src",
+    "img": "src",
+    "iframe": "src",
+    "source": "src",
+    "video": "src",
+    "audio": "src",
+    "embed": "src",
+    "object": "data",
+    "link": "href",
+}
 LOADED_LINK_RELS = {"stylesheet", "preload", "modulepreload", "prefetch", "icon", "manifest"}
 
 
@@ -47,8 +57,7 @@ def element_ids(page: Path) -> frozenset[str]:
 
 
 def test_built_book_has_the_toc_pages(built_book):
-    for page in ("index.html", "book/intro.html", "notebooks/00_welcome.html", "book/bibliography.html",
-                 "search.html"):
+    for page in ("index.html", "book/intro.html", "notebooks/00_welcome.html", "book/bibliography.html", "search.html"):
         assert (built_book / page).is_file(), f"{page} missing from the built book"
     # The chapters are the notebooks themselves, never copies inside book/.
     copies = [p for p in (REPO_ROOT / "book").rglob("*.ipynb") if "_build" not in p.parts]
@@ -101,21 +110,23 @@ def test_internal_links_and_anchors_resolve(built_book):
 
 def test_bibliography_lists_every_paper_of_the_spec(built_book):
     text = (built_book / "book" / "bibliography.html").read_text(encoding="utf-8")
-    for arxiv_id, title in [("1907.05242", "Large Memory Layers with Product Keys"),
-                            ("2407.04153", "Mixture of A Million Experts"),
-                            ("2412.09764", "Memory Layers at Scale"),
-                            ("2411.12364", "Ultra-Sparse Memory Network"),
-                            ("2508.18756", "UltraMemV2"),
-                            ("2409.02060", "OLMoE")]:
+    for arxiv_id, title in [
+        ("1907.05242", "Large Memory Layers with Product Keys"),
+        ("2407.04153", "Mixture of A Million Experts"),
+        ("2412.09764", "Memory Layers at Scale"),
+        ("2411.12364", "Ultra-Sparse Memory Network"),
+        ("2508.18756", "UltraMemV2"),
+        ("2409.02060", "OLMoE"),
+    ]:
         assert f"https://arxiv.org/abs/{arxiv_id}" in text, f"arXiv {arxiv_id} missing from the bibliography"
         assert title.lower() in text.lower(), f"{title!r} missing from the bibliography"
 
 
-# --------------------------------------------------------------------------- minimem.bookbuild
+# --------------------------------------------------------------------------- minimem_tools.bookbuild
 
 
 def test_bookbuild_open_without_display_prints_how_to_serve(built_book, monkeypatch, capsys):
-    from minimem import bookbuild
+    from minimem_tools import bookbuild
 
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
@@ -126,7 +137,7 @@ def test_bookbuild_open_without_display_prints_how_to_serve(built_book, monkeypa
 
 
 def test_bookbuild_rejects_bad_input(tmp_path, capsys):
-    from minimem import bookbuild
+    from minimem_tools import bookbuild
 
     assert bookbuild.open_book(tmp_path) == 1
     assert "no built book" in capsys.readouterr().err
@@ -140,7 +151,7 @@ def test_bookbuild_rejects_bad_input(tmp_path, capsys):
 def test_bookserver_serves_the_book_on_loopback(built_book):
     import urllib.request
 
-    from minimem.bookbuild import serve
+    from minimem_tools.bookbuild import serve
 
     server = serve(built_book)
     try:
@@ -181,8 +192,10 @@ class OfflinePage:
         self.page = context.new_page()
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        self.page.on("requestfailed", lambda r: r.url.startswith(base)
-                     and self.errors.append(f"request failed: {r.url} {r.failure}"))
+        self.page.on(
+            "requestfailed",
+            lambda r: r.url.startswith(base) and self.errors.append(f"request failed: {r.url} {r.failure}"),
+        )
         self.page.on("response", lambda r: r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}"))
 
     def _route(self, route):
@@ -271,6 +284,7 @@ def test_saved_widget_state_renders_and_moves_in_chapter_0(book_url, offline_pag
     assert readout.inner_text().strip() == "512"
     slider.locator(".noUi-handle").focus()
     page.keyboard.press("ArrowRight")  # the widget's own JavaScript moves it, no kernel needed
-    page.wait_for_function("() => document.querySelector('.mm-n-slider .widget-readout').innerText.trim() === '640'",
-                           timeout=10_000)
+    page.wait_for_function(
+        "() => document.querySelector('.mm-n-slider .widget-readout').innerText.trim() === '640'", timeout=10_000
+    )
     assert not offline_page.errors, "\n".join(offline_page.errors)

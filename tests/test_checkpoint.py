@@ -1,4 +1,5 @@
 """minimem.checkpoint: round trip, random states, crash safety, corruption reports."""
+
 import errno
 import json
 import os
@@ -10,12 +11,18 @@ import torch
 
 import minimem.checkpoint as ckpt
 from minimem.checkpoint import (
-    CheckpointError, capture_rng, latest_checkpoint, load_checkpoint, load_model, restore, restore_rng, save_checkpoint,
+    CheckpointError,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    restore,
+    restore_rng,
+    save_checkpoint,
 )
 from minimem.config import Config, ModelConfig, TrainConfig
 from minimem.model import GPT
 from minimem.optim import build_optimizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -128,9 +135,15 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
         (lambda p: _flip_byte(p / "ckpt-0000003" / "optimizer.pt"), r"optimizer\.pt: SHA-256"),
         (lambda p: (p / "ckpt-0000003" / "state.json").write_text('{"step": 3, "rng"'), r"state\.json"),
         (lambda p: (p / "ckpt-0000003" / "config.json").unlink(), r"config\.json is missing"),
-        (lambda p: (p / "ckpt-0000003" / "config.json").write_text('{"model": {"n_head": 3}}'), r"config\.json: SHA-256"),
+        (
+            lambda p: (p / "ckpt-0000003" / "config.json").write_text('{"model": {"n_head": 3}}'),
+            r"config\.json: SHA-256",
+        ),
         (lambda p: (p / "checkpoint.json").write_text("{not json"), r"corrupt checkpoint pointer"),
-        (lambda p: (p / "checkpoint.json").write_text('{"step": 9, "path": "ckpt-0000009"}'), r"ckpt-0000009.*does not exist"),
+        (
+            lambda p: (p / "checkpoint.json").write_text('{"step": 9, "path": "ckpt-0000009"}'),
+            r"ckpt-0000009.*does not exist",
+        ),
     ],
     ids=["weights", "optimizer", "state", "missing-config", "bad-config", "pointer", "dangling-pointer"],
 )
@@ -185,6 +198,7 @@ def _edit_state(key, change):
         state = json.loads(path.read_text())
         state[key] = change(state[key])
         path.write_text(json.dumps(state))
+
     return edit
 
 
@@ -212,10 +226,14 @@ def _other_optimizer(p):
     "edit, message",
     [
         (_edit_state("step", lambda step: step - 1), r"state\.json: its step, random states or extra do not match"),
-        (_edit_state("rng", lambda rng: {**rng, "python": [rng["python"][0], rng["python"][1][::-1], None]}),
-         r"state\.json: its step, random states"),
-        (_edit_state("sha256", lambda h: {k: v for k, v in h.items() if k != "config.json"}),
-         r"state\.json: it records no SHA-256 of config\.json"),
+        (
+            _edit_state("rng", lambda rng: {**rng, "python": [rng["python"][0], rng["python"][1][::-1], None]}),
+            r"state\.json: its step, random states",
+        ),
+        (
+            _edit_state("sha256", lambda h: {k: v for k, v in h.items() if k != "config.json"}),
+            r"state\.json: it records no SHA-256 of config\.json",
+        ),
         (_edit_config, r"config\.json: SHA-256 does not match state\.json"),
         (_other_weights, r"model\.safetensors: SHA-256 does not match"),
         (_other_optimizer, r"optimizer\.pt: SHA-256 does not match"),
@@ -240,7 +258,11 @@ def test_format_version_1_still_loads_and_unknown_versions_are_named(tmp_path):
     state = json.loads((path / "state.json").read_text())
     assert state["format_version"] == ckpt.FORMAT_VERSION == 2
     # version 1 hashed only the binary files
-    old = {**state, "format_version": 1, "sha256": {f: state["sha256"][f] for f in ("model.safetensors", "optimizer.pt")}}
+    old = {
+        **state,
+        "format_version": 1,
+        "sha256": {f: state["sha256"][f] for f in ("model.safetensors", "optimizer.pt")},
+    }
     (path / "state.json").write_text(json.dumps(old))
     assert load_checkpoint(tmp_path).step == 3
     (path / "state.json").write_text(json.dumps({**state, "format_version": 7}))

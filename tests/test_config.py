@@ -1,4 +1,5 @@
 """minimem.config: loading, overrides, validation errors, and how ``minimem train`` reports them."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from minimem.config import Config, ModelConfig, MoEConfig, TrainConfig, apply_overrides, config_from_dict, load_config
-from minimem.train import main
+from minimem_tools.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "shakespeare-dense.yaml", REPO / "configs" / "shakespeare-moe.yaml"]
@@ -36,7 +37,9 @@ def test_yaml_and_json_round_trip(tmp_path):
 
 def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
     path = write(tmp_path, {"train": {"lr": 0.002}})
-    config = load_config(path, ["train.lr=1e-3", "model.moe.top_k=3", "model.ffn=moe", "train.dataset_args={n_pairs: 4}"])
+    config = load_config(
+        path, ["train.lr=1e-3", "model.moe.top_k=3", "model.ffn=moe", "train.dataset_args={n_pairs: 4}"]
+    )
     assert config.train.lr == 0.001 and isinstance(config.train.lr, float)  # YAML reads 1e-3 as a string
     assert config.model.moe.top_k == 3 and config.model.ffn == "moe"
     assert config.train.dataset_args == {"n_pairs": 4}
@@ -88,8 +91,18 @@ def test_null_values_and_empty_files_are_errors_not_defaults(tmp_path):
     assert load_config(write(tmp_path, "{}\n")) == Config()  # an explicit empty mapping: every default
 
 
-@pytest.mark.parametrize("override", ["train.lr=.nan", "train.lr=.inf", "train.lr=-.inf", "train.lr=nan",
-                                      "train.beta2=.nan", "model.dropout=.nan", "model.memory.sigma_s=.inf"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.nan",
+        "train.lr=.inf",
+        "train.lr=-.inf",
+        "train.lr=nan",
+        "train.beta2=.nan",
+        "model.dropout=.nan",
+        "model.memory.sigma_s=.inf",
+    ],
+)
 def test_every_float_field_rejects_nan_and_inf(tmp_path, override):
     field = override.split("=")[0]
     with pytest.raises(ValueError, match=rf"^{field} must be a finite number"):
@@ -108,7 +121,10 @@ def test_threads_zero_keeps_the_default_and_negative_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     "model, message",
     [
-        (dict(ffn="moe", moe=MoEConfig(n_experts=4, top_k=5)), r"moe\.top_k must be between 1 and moe\.n_experts=4, got 5"),
+        (
+            dict(ffn="moe", moe=MoEConfig(n_experts=4, top_k=5)),
+            r"moe\.top_k must be between 1 and moe\.n_experts=4, got 5",
+        ),
         (dict(moe=MoEConfig(n_experts=0)), r"moe\.n_experts must be >= 1"),
         (dict(moe=MoEConfig(d_expert=0)), r"moe\.d_expert"),
         (dict(n_embd=130, n_head=4), r"model\.n_embd=130 must be divisible by model\.n_head=4"),
@@ -170,7 +186,10 @@ def run_cli(capsys, *argv):
     [
         (["--config", "missing.yaml"], r"config file not found: missing\.yaml"),
         (["--set", "train.lrr=1"], r"unknown config key 'train\.lrr'"),
-        (["--set", "model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=8"], r"moe\.top_k must be between 1 and moe\.n_experts=4, got 8"),
+        (
+            ["--set", "model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=8"],
+            r"moe\.top_k must be between 1 and moe\.n_experts=4, got 8",
+        ),
         (["--set", "model.n_embd=126"], r"model\.n_embd=126 must be divisible by model\.n_head=4"),
         (["--set", "train.dataset=wiki"], r"dataset must be one of"),
         (["--set", "train.device=tpu"], r"train\.device must be"),
@@ -192,8 +211,13 @@ def test_cli_reports_bad_input_in_one_line_with_exit_2(tmp_path, capsys, args, m
 
 
 def test_cli_reports_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
-    config = write(tmp_path, {"model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
-                              "train": {"max_steps": 2, "eval_iters": 1, "batch_size": 2, "threads": 1}})
+    config = write(
+        tmp_path,
+        {
+            "model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
+            "train": {"max_steps": 2, "eval_iters": 1, "batch_size": 2, "threads": 1},
+        },
+    )
     out = tmp_path / "run"
     assert run_cli(capsys, "--config", str(config), "--out", str(out))[0] == 0
     weights = out / "ckpt-0000002" / "model.safetensors"
@@ -204,9 +228,20 @@ def test_cli_reports_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
 
 
 def test_cli_resume_without_config_uses_the_run_config(tmp_path, capsys):
-    config = write(tmp_path, {"model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
-                              "train": {"max_steps": 4, "eval_iters": 1, "batch_size": 2, "ckpt_interval": 2,
-                                        "log_interval": 1, "threads": 1}})
+    config = write(
+        tmp_path,
+        {
+            "model": {"n_layer": 1, "n_embd": 16, "ffn_hidden": 16, "block_size": 8},
+            "train": {
+                "max_steps": 4,
+                "eval_iters": 1,
+                "batch_size": 2,
+                "ckpt_interval": 2,
+                "log_interval": 1,
+                "threads": 1,
+            },
+        },
+    )
     out = tmp_path / "run"
     assert run_cli(capsys, "--config", str(config), "--out", str(out))[0] == 0
     assert run_cli(capsys, "--out", str(out), "--resume", "--max-steps", "6")[0] == 0

@@ -1,4 +1,5 @@
 """minimem.data: tokenizer, Shakespeare split and windows, synthetic tasks, exact match."""
+
 import pytest
 import torch
 
@@ -151,10 +152,13 @@ def test_facts_mask_and_answers_follow_the_table():
         assert all(row_y[t] == row_x[t + 1] for t in range(len(mask) - 1) if mask[t])
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("recall", dict(n_pairs=6, n_queries=3, key_len=2, value_len=2, key_vocab=5, value_vocab=7)),
-    ("multiround", dict(n_facts=5, distractor_len=7, n_rounds=3, n_queries=2, value_len=2)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("recall", dict(n_pairs=6, n_queries=3, key_len=2, value_len=2, key_vocab=5, value_vocab=7)),
+        ("multiround", dict(n_facts=5, distractor_len=7, n_rounds=3, n_queries=2, value_len=2)),
+    ],
+)
 def test_in_context_tasks_mask_and_answers(name, kwargs):
     ds = get_dataset(name, block_size=96, seed=4, **kwargs)
     for split in ("train", "val"):
@@ -163,7 +167,7 @@ def test_in_context_tasks_mask_and_answers(name, kwargs):
             full = ds.tokenizer.decode(row_x) + "."
             # segments: facts [+ distractor], then per round: queries [+ next distractor]
             segments = full.rstrip(".").split("|")
-            distractors = [seg[len(seg.rstrip(UPPER)):] for seg in segments[:-1]]
+            distractors = [seg[len(seg.rstrip(UPPER)) :] for seg in segments[:-1]]
             parts = [seg.rstrip(UPPER) for seg in segments]
             facts = dict(_parse_items(parts[0]))
             assert len(facts) == (kwargs.get("n_pairs") or kwargs["n_facts"])  # distinct keys
@@ -318,21 +322,24 @@ def test_evaluate_with_a_real_gpt():
 # ----------------------------------------------------------------------------- bad arguments
 
 
-@pytest.mark.parametrize("name,kwargs,match", [
-    ("facts", dict(n_fact=3), "unknown argument"),
-    ("facts", dict(n_facts=700, key_len=2, key_vocab=26), "n_facts must be in"),
-    ("facts", dict(key_len=40, value_len=40), "key_len/value_len"),
-    ("facts", dict(value_vocab=11), "value_vocab must be in"),
-    ("facts", dict(key_vocab=27), "key_vocab must be in"),
-    ("facts", dict(n_facts=2.5), "n_facts must be an integer"),
-    ("recall", dict(n_pairs=30), "n_pairs must be in"),
-    ("recall", dict(n_pairs=20, key_len=2), "n_pairs/n_queries"),
-    ("recall", dict(n_queries=9), "n_queries must be in"),
-    ("recall", dict(value_len=0), "value_len must be in"),
-    ("multiround", dict(distractor_len=100), "distractor_len"),
-    ("multiround", dict(n_queries=5), "n_queries must be in"),
-    ("multiround", dict(n_rounds=0), "n_rounds must be in"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("facts", dict(n_fact=3), "unknown argument"),
+        ("facts", dict(n_facts=700, key_len=2, key_vocab=26), "n_facts must be in"),
+        ("facts", dict(key_len=40, value_len=40), "key_len/value_len"),
+        ("facts", dict(value_vocab=11), "value_vocab must be in"),
+        ("facts", dict(key_vocab=27), "key_vocab must be in"),
+        ("facts", dict(n_facts=2.5), "n_facts must be an integer"),
+        ("recall", dict(n_pairs=30), "n_pairs must be in"),
+        ("recall", dict(n_pairs=20, key_len=2), "n_pairs/n_queries"),
+        ("recall", dict(n_queries=9), "n_queries must be in"),
+        ("recall", dict(value_len=0), "value_len must be in"),
+        ("multiround", dict(distractor_len=100), "distractor_len"),
+        ("multiround", dict(n_queries=5), "n_queries must be in"),
+        ("multiround", dict(n_rounds=0), "n_rounds must be in"),
+    ],
+)
 def test_bad_kwargs_raise_naming_them(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_dataset(name, block_size=64, **kwargs)

@@ -1,4 +1,4 @@
-"""minimem.distributed: the column-sharded lookup gives one process's output and gradients.
+"""minimem.sharding: the column-sharded lookup gives one process's output and gradients.
 
 In this process (no process group): the one-rank path against a slow loop, gradcheck, the
 layout helpers against brute force, and the errors. Then ONE spawn of two gloo processes on a
@@ -7,6 +7,7 @@ straddle the ranks' column slices, the Triton backend in its interpreter, incons
 and saves what it got; the tests compare that with a single-process ``memory_lookup`` on the
 whole table and all tokens.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,7 +19,8 @@ import traceback
 import pytest
 import torch
 
-from minimem.distributed import (
+from minimem.kernels import memory_lookup
+from minimem.sharding import (
     ShardedValueTable,
     check_sharding,
     column_slice,
@@ -29,7 +31,6 @@ from minimem.distributed import (
     summarize,
     world,
 )
-from minimem.kernels import memory_lookup
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -54,9 +55,15 @@ def slow_lookup(values, indices, scores, pre_values=None, pre_input=None):
 
 def test_one_rank_equals_the_slow_loop_with_repeated_indices():
     gen = torch.Generator().manual_seed(0)
-    values, pre_values = torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    values, pre_values = (
+        torch.randn(9, 6, generator=gen, dtype=torch.float64),
+        torch.randn(9, 4, generator=gen, dtype=torch.float64),
+    )
     indices = torch.tensor([[1, 1, 8], [0, 4, 4], [3, 3, 3]])  # repeats accumulate
-    scores, pre_input = torch.randn(3, 3, 3, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    scores, pre_input = (
+        torch.randn(3, 3, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+    )
     assert world() == (0, 1)
     out = sharded_memory_lookup(values, indices, scores, pre_values, pre_input)
     torch.testing.assert_close(out, slow_lookup(values, indices, scores, pre_values, pre_input), **F64)
@@ -66,13 +73,16 @@ def test_one_rank_equals_the_slow_loop_with_repeated_indices():
 
 def test_one_rank_gradcheck():
     gen = torch.Generator().manual_seed(1)
-    args = [torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True),
-            torch.randint(0, 7, (3, 5), generator=gen),
-            torch.randn(3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True),
-            torch.randn(7, 2, generator=gen, dtype=torch.float64, requires_grad=True),
-            torch.randn(3, 2, generator=gen, dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda v, s, p, x: sharded_memory_lookup(v, args[1], s, p, x),
-                                    (args[0], args[2], args[3], args[4]))
+    args = [
+        torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+        torch.randint(0, 7, (3, 5), generator=gen),
+        torch.randn(3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True),
+        torch.randn(7, 2, generator=gen, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, 2, generator=gen, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(
+        lambda v, s, p, x: sharded_memory_lookup(v, args[1], s, p, x), (args[0], args[2], args[3], args[4])
+    )
 
 
 def test_local_cores_match_each_columns_core():
@@ -104,32 +114,54 @@ def test_check_sharding_needs_the_lcm_not_the_product():
     check_sharding(12, 4, 3)
 
 
-@pytest.mark.parametrize("d_value,cores,world_size,d_pre,match", [
-    (18, 4, 3, 0, r"d_value \(D_v\) must be divisible by lcm\(world_size=3, cores=4\) = 12 .* got D_v=18"),
-    (6, 4, 1, 0, r"d_value \(D_v\) must be divisible by lcm\(world_size=1, cores=4\) = 4 .* got D_v=6"),
-    (8, 2, 2, 3, r"d_pre \(D_p\) must be divisible by world_size=2, got D_p=3"),
-    (8, 0, 2, 0, r"cores \(c, the number of scoring cores\) must be >= 1, got 0"),
-    (8, 2, 0, 0, r"world_size must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "d_value,cores,world_size,d_pre,match",
+    [
+        (18, 4, 3, 0, r"d_value \(D_v\) must be divisible by lcm\(world_size=3, cores=4\) = 12 .* got D_v=18"),
+        (6, 4, 1, 0, r"d_value \(D_v\) must be divisible by lcm\(world_size=1, cores=4\) = 4 .* got D_v=6"),
+        (8, 2, 2, 3, r"d_pre \(D_p\) must be divisible by world_size=2, got D_p=3"),
+        (8, 0, 2, 0, r"cores \(c, the number of scoring cores\) must be >= 1, got 0"),
+        (8, 2, 0, 0, r"world_size must be >= 1, got 0"),
+    ],
+)
 def test_check_sharding_errors(d_value, cores, world_size, d_pre, match):
     with pytest.raises(ValueError, match=match):
         check_sharding(d_value, cores, world_size, d_pre)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(indices=torch.zeros(2, 3, dtype=torch.int32)), r"indices must be an int64 \(T, m\) tensor"),
-    (dict(indices=torch.tensor([[0, 1, 5], [0, 0, 0]])), r"indices must lie in \[0, N\) = \[0, 5\), got values in \[0, 5\]"),
-    (dict(scores=torch.zeros(2, 4, 1)), r"scores must be a floating \(T, m, c\) tensor with \(T, m\) = \(2, 3\)"),
-    (dict(local_pre_values=torch.zeros(5, 2)), r"local_pre_values and pre_input must be given together"),
-    (dict(local_pre_values=torch.zeros(5, 2, dtype=torch.float64), pre_input=torch.zeros(2, 2)),
-     r"local_pre_values must have the dtype of local_values"),
-    (dict(local_pre_values=torch.zeros(5, 2), pre_input=torch.zeros(2, 3)), r"pre_input must be a floating \(T, D_p\) = \(2, 2\)"),
-    (dict(scores=torch.zeros(2, 3, 3)), r"d_value \(D_v\) must be divisible by lcm\(world_size=1, cores=3\) = 3 .* got D_v=4"),
-    (dict(local_values=torch.zeros(5, 4, dtype=torch.int64)), r"local_values must be a floating \(N, D_v / P\) tensor"),
-    (dict(backend="cuda"), r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(indices=torch.zeros(2, 3, dtype=torch.int32)), r"indices must be an int64 \(T, m\) tensor"),
+        (
+            dict(indices=torch.tensor([[0, 1, 5], [0, 0, 0]])),
+            r"indices must lie in \[0, N\) = \[0, 5\), got values in \[0, 5\]",
+        ),
+        (dict(scores=torch.zeros(2, 4, 1)), r"scores must be a floating \(T, m, c\) tensor with \(T, m\) = \(2, 3\)"),
+        (dict(local_pre_values=torch.zeros(5, 2)), r"local_pre_values and pre_input must be given together"),
+        (
+            dict(local_pre_values=torch.zeros(5, 2, dtype=torch.float64), pre_input=torch.zeros(2, 2)),
+            r"local_pre_values must have the dtype of local_values",
+        ),
+        (
+            dict(local_pre_values=torch.zeros(5, 2), pre_input=torch.zeros(2, 3)),
+            r"pre_input must be a floating \(T, D_p\) = \(2, 2\)",
+        ),
+        (
+            dict(scores=torch.zeros(2, 3, 3)),
+            r"d_value \(D_v\) must be divisible by lcm\(world_size=1, cores=3\) = 3 .* got D_v=4",
+        ),
+        (
+            dict(local_values=torch.zeros(5, 4, dtype=torch.int64)),
+            r"local_values must be a floating \(N, D_v / P\) tensor",
+        ),
+        (dict(backend="cuda"), r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'"),
+    ],
+)
 def test_bad_inputs_raise(change, match):
-    args = dict(local_values=torch.zeros(5, 4), indices=torch.zeros(2, 3, dtype=torch.int64), scores=torch.zeros(2, 3, 1))
+    args = dict(
+        local_values=torch.zeros(5, 4), indices=torch.zeros(2, 3, dtype=torch.int64), scores=torch.zeros(2, 3, 1)
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         sharded_memory_lookup(**args)
@@ -146,7 +178,11 @@ def test_sharded_table_on_one_rank():
     table = ShardedValueTable.from_full(values, pre_values, cores=3)
     full_v, full_p = table.full_tables()
     assert torch.equal(full_v, values) and torch.equal(full_p, pre_values) and table.values.is_memory_value
-    indices, scores, x = torch.randint(0, 20, (4, 5), generator=gen), torch.randn(4, 5, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    indices, scores, x = (
+        torch.randint(0, 20, (4, 5), generator=gen),
+        torch.randn(4, 5, 3, generator=gen),
+        torch.randn(4, 3, generator=gen),
+    )
     torch.testing.assert_close(table(indices, scores, x), memory_lookup(values, indices, scores, pre_values, x))
     fresh = ShardedValueTable(4096, 64, 16, cores=2, std=0.5, seed=3)
     assert fresh.values.shape == (4096, 64) and abs(fresh.values.std().item() - 0.5) < 0.01
@@ -215,8 +251,14 @@ def _run_case(name, rank, P):
         out = table(case["indices"][mine], scores, pre_input)
         (out * case["weight"][mine]).sum().backward()
     grad = lambda t: None if t is None else t.grad  # noqa: E731
-    return dict(out=out.detach(), values_grad=table.values.grad, pre_values_grad=grad(table.pre_values),
-                scores_grad=scores.grad, pre_input_grad=grad(pre_input), sent=summarize(log))
+    return dict(
+        out=out.detach(),
+        values_grad=table.values.grad,
+        pre_values_grad=grad(table.pre_values),
+        scores_grad=scores.grad,
+        pre_input_grad=grad(pre_input),
+        sent=summarize(log),
+    )
 
 
 def _catch(fn):
@@ -232,8 +274,9 @@ def _worker(rank, port, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     results = {}
     try:
         for name in CASES:
@@ -241,14 +284,17 @@ def _worker(rank, port, out_dir):
         # Inconsistent inputs: every rank raises (no rank is left waiting in a collective).
         v, s = torch.zeros(10, 4), torch.zeros(2, 3 + rank, 1)
         results["m_mismatch"] = _catch(lambda: sharded_memory_lookup(v, torch.zeros(2, 3 + rank, dtype=torch.long), s))
-        results["d_value"] = _catch(lambda: sharded_memory_lookup(torch.zeros(10, 3), torch.zeros(2, 3, dtype=torch.long),
-                                                                  torch.zeros(2, 3, 4)))
+        results["d_value"] = _catch(
+            lambda: sharded_memory_lookup(torch.zeros(10, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 4))
+        )
         bad = torch.full((2, 3), 10 if rank == 1 else 0, dtype=torch.long)
         results["bad_rank"] = _catch(lambda: sharded_memory_lookup(v, bad, torch.zeros(2, 3, 1)))
         results["table_init"] = _catch(lambda: ShardedValueTable(10, 6, cores=4))
         fresh = ShardedValueTable(64, 8, 4, cores=2, std=1.0, seed=5)
         full_v, full_p = fresh.full_tables()
-        results["fresh"] = dict(values=fresh.values.detach(), pre_values=fresh.pre_values.detach(), full_v=full_v, full_p=full_p)
+        results["fresh"] = dict(
+            values=fresh.values.detach(), pre_values=fresh.pre_values.detach(), full_v=full_v, full_p=full_p
+        )
         check = torch.ones(1)
         dist.all_reduce(check)  # the group still works after the errors
         results["alive"] = check.item()
@@ -282,10 +328,13 @@ def test_two_ranks_match_one_process(two_ranks, name):
     counts, *_, dtype, _ = CASES[name]
     case = make_case(name)
     tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    leaves = {k: (case[k].clone().requires_grad_() if case[k] is not None else None)
-              for k in ("values", "scores", "pre_values", "pre_input")}
-    ref = memory_lookup(leaves["values"], case["indices"], leaves["scores"], leaves["pre_values"], leaves["pre_input"],
-                        backend="torch")
+    leaves = {
+        k: (case[k].clone().requires_grad_() if case[k] is not None else None)
+        for k in ("values", "scores", "pre_values", "pre_input")
+    }
+    ref = memory_lookup(
+        leaves["values"], case["indices"], leaves["scores"], leaves["pre_values"], leaves["pre_input"], backend="torch"
+    )
     (ref * case["weight"]).sum().backward()
     d_value, d_pre = CASES[name][4], CASES[name][5]
     for rank, res in enumerate(two_ranks):
@@ -296,7 +345,9 @@ def test_two_ranks_match_one_process(two_ranks, name):
         torch.testing.assert_close(got["values_grad"], leaves["values"].grad[:, column_slice(d_value, rank, 2)], **tol)
         torch.testing.assert_close(got["scores_grad"], leaves["scores"].grad[mine], **tol)
         if d_pre:
-            torch.testing.assert_close(got["pre_values_grad"], leaves["pre_values"].grad[:, column_slice(d_pre, rank, 2)], **tol)
+            torch.testing.assert_close(
+                got["pre_values_grad"], leaves["pre_values"].grad[:, column_slice(d_pre, rank, 2)], **tol
+            )
             torch.testing.assert_close(got["pre_input_grad"], leaves["pre_input"].grad[mine], **tol)
 
 
@@ -304,7 +355,9 @@ def test_two_ranks_match_one_process(two_ranks, name):
 def test_two_ranks_traffic_matches_the_formula(two_ranks):
     counts, N, m, c, d_value, d_pre, dtype, _ = CASES["c2_pre"]
     size = torch.finfo(dtype).bits // 8
-    predicted = communication_bytes(counts[0], m, c, d_value, d_pre, world_size=2, score_bytes=size, activation_bytes=size)
+    predicted = communication_bytes(
+        counts[0], m, c, d_value, d_pre, world_size=2, score_bytes=size, activation_bytes=size
+    )
     for res in two_ranks:
         assert res["c2_pre"]["sent"] == pytest.approx(predicted)
     assert two_ranks[0]["c2_pre"]["sent"]["output all-to-all"] == 2 * 0.5 * 6 * 12 * 8  # forward + backward
@@ -315,7 +368,10 @@ def test_two_ranks_raise_the_same_errors(two_ranks):
     for res in two_ranks:
         assert res["alive"] == 2.0
         assert res["m_mismatch"] == "every rank must pass the same m, got [3, 4] on ranks 0..1"
-        assert "lcm(world_size=2, cores=4) = 4" in res["d_value"] and "D_v / P = 3 columns on each of P = 2" in res["d_value"]
+        assert (
+            "lcm(world_size=2, cores=4) = 4" in res["d_value"]
+            and "D_v / P = 3 columns on each of P = 2" in res["d_value"]
+        )
         assert "lcm(world_size=2, cores=4) = 4" in res["table_init"]
     assert two_ranks[1]["bad_rank"].startswith("indices must lie in [0, N) = [0, 10)")
     assert two_ranks[0]["bad_rank"] == "rank(s) [1] rejected their inputs (see their error)"

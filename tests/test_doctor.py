@@ -1,15 +1,17 @@
 """``minimem doctor``: a healthy install passes; a broken item prints FAIL with its fix and exits 1."""
+
 import os
 import subprocess
 import sys
 
-from minimem import doctor
+from minimem_tools import doctor
 
 
 def test_doctor_passes_on_this_install_without_triton_interpret_in_the_environment():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "minimem", "doctor"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "minimem_tools", "doctor"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for name in ("python", "torch", "triton", "numpy", "Triton interpreter"):
@@ -50,4 +52,6 @@ def test_too_old_or_missing_package_fails_with_install_fix(monkeypatch, capsys):
 
 def test_doctor_rejects_arguments(capsys):
     assert doctor.main(["--fast"]) == 2
-    assert capsys.readouterr().err == "minimem doctor: error: takes no arguments, got --fast; run `minimem doctor` alone\n"
+    assert (
+        capsys.readouterr().err == "minimem doctor: error: takes no arguments, got --fast; run `minimem doctor` alone\n"
+    )

@@ -1,6 +1,7 @@
-"""minimem.experiments: runner statistics, parameter matching, every experiment's variants,
+"""minimem_tools.experiments: runner statistics, parameter matching, every experiment's variants,
 one quick experiment end to end through the CLI (JSON schema, table, plots), and
 reproducibility (same seed -> identical metrics, also across worker processes)."""
+
 import json
 import math
 import statistics
@@ -9,12 +10,17 @@ import numpy as np
 import pytest
 
 from minimem.config import config_from_dict
-from minimem.experiments import main
-from minimem.experiments.runner import (
-    EXPERIMENTS, is_timing_metric, load_experiment, markdown_table, mean_std, run_experiment, seeds_for,
+from minimem_tools.experiments import main, setups
+from minimem_tools.experiments.runner import (
+    EXPERIMENTS,
+    is_timing_metric,
+    load_experiment,
+    markdown_table,
+    mean_std,
+    run_experiment,
+    seeds_for,
     summarise,
 )
-from minimem.experiments import setups
 
 NAMES = ("head2head", "density", "ablations", "ultramem_ablations", "init_stability", "memory_access", "in_context")
 
@@ -52,11 +58,15 @@ def test_summarise_groups_runs_by_name_in_first_seen_order():
 
 
 def test_markdown_table_shows_mean_and_spread():
-    result = {"summary": summarise([
-        {"name": "x", "metrics": {"loss": 1.0}, "wall_time_s": 0.0},
-        {"name": "x", "metrics": {"loss": 2.0}, "wall_time_s": 0.0},
-        {"name": "y", "metrics": {}, "wall_time_s": 0.0},
-    ])}
+    result = {
+        "summary": summarise(
+            [
+                {"name": "x", "metrics": {"loss": 1.0}, "wall_time_s": 0.0},
+                {"name": "x", "metrics": {"loss": 2.0}, "wall_time_s": 0.0},
+                {"name": "y", "metrics": {}, "wall_time_s": 0.0},
+            ]
+        )
+    }
     table = markdown_table(result, [("loss", ".2f")]).splitlines()
     assert table[0] == "| run | loss | seeds |"
     assert table[2] == f"| x | 1.50 ± {statistics.stdev([1.0, 2.0]):.2f} | 2 |"
@@ -105,11 +115,15 @@ def test_match_parameters_finds_the_brute_force_optimum():
     best = min(range(1, 2001), key=lambda f: abs(800_000 + 1536 * (f - 344) - target))
     assert fitted["model"]["ffn_hidden"] == best
     assert setups.parameters(fitted)["total"] == 800_000 + 1536 * (best - 344)
-    squares = setups.match_parameters(setups.model_config("pkm"), "model.memory.n_slots", 3_000_000, "total",
-                                      to_value=lambda k: k * k, low=8)
+    squares = setups.match_parameters(
+        setups.model_config("pkm"), "model.memory.n_slots", 3_000_000, "total", to_value=lambda k: k * k, low=8
+    )
     n = math.isqrt(squares["model"]["memory"]["n_slots"])
     assert n * n == squares["model"]["memory"]["n_slots"]
-    totals = {k: setups.parameters(setups.set_path(squares, "model.memory.n_slots", k * k))["total"] for k in (n - 1, n, n + 1)}
+    totals = {
+        k: setups.parameters(setups.set_path(squares, "model.memory.n_slots", k * k))["total"]
+        for k in (n - 1, n, n + 1)
+    }
     assert abs(totals[n] - 3_000_000) <= min(abs(totals[n - 1] - 3_000_000), abs(totals[n + 1] - 3_000_000))
     with pytest.raises(ValueError, match="count must be 'total' or 'activated'"):
         setups.match_parameters(base, "model.ffn_hidden", target, "bogus")
@@ -120,7 +134,7 @@ def test_match_parameters_finds_the_brute_force_optimum():
 
 
 def test_head2head_parities_hold():
-    from minimem.experiments import head2head
+    from minimem_tools.experiments import head2head
 
     configs = head2head.parity_configs()
     counts = {key: setups.parameters(c) for key, c in configs.items()}
@@ -153,7 +167,7 @@ def test_every_experiment_builds_valid_distinct_variants(name):
 
 
 def test_ablations_change_what_they_claim():
-    from minimem.experiments import ablations
+    from minimem_tools.experiments import ablations
 
     configs = {n: c for n, (_, c) in ablations.ablation_configs().items()}
     base = configs["baseline"]["model"]["memory"]
@@ -162,20 +176,31 @@ def test_ablations_change_what_they_claim():
     assert configs["gelu_gate"]["model"]["memory"]["activation"] == "gelu"
     assert configs["plain_values"]["model"]["memory"]["pre_values"] is False
     assert configs["per_block_projections"]["model"]["memory"]["value_projections"] == 4
-    assert configs["d_key_h/4"]["model"]["memory"]["d_key"] == 32 and configs["d_key_h"]["model"]["memory"]["d_key"] == 128
+    assert (
+        configs["d_key_h/4"]["model"]["memory"]["d_key"] == 32 and configs["d_key_h"]["model"]["memory"]["d_key"] == 128
+    )
     target = setups.parameters(configs["baseline"])["activated"]
     for name in ("few_layers", "d_key_h/4", "d_key_h", "two_heads", "plain_values", "per_block_projections"):
         assert abs(setups.parameters(configs[name])["activated"] - target) / target < 0.01, name
     for name, c in configs.items():  # everything else equals the baseline
         diff = {k for k in base if c["model"]["memory"][k] != base[k]}
-        assert diff <= {"layers", "n_slots", "value_init", "activation", "d_key", "heads", "topk", "pre_values",
-                        "value_projections"}, (name, diff)
+        assert diff <= {
+            "layers",
+            "n_slots",
+            "value_init",
+            "activation",
+            "d_key",
+            "heads",
+            "topk",
+            "pre_values",
+            "value_projections",
+        }, (name, diff)
     assert ablations.NOT_RUN == {}
 
 
 def test_in_context_tasks_fill_the_context():
     from minimem.data import get_dataset
-    from minimem.experiments import in_context
+    from minimem_tools.experiments import in_context
 
     for task in in_context.TASKS:
         for context in in_context.CONTEXTS:
@@ -191,8 +216,10 @@ def test_in_context_tasks_fill_the_context():
 
 
 def _non_timing(result):
-    return [(r["name"], r["seed"], {k: v for k, v in r["metrics"].items() if not is_timing_metric(k)})
-            for r in result["runs"]]
+    return [
+        (r["name"], r["seed"], {k: v for k, v in r["metrics"].items() if not is_timing_metric(k)})
+        for r in result["runs"]
+    ]
 
 
 def test_quick_experiment_through_the_cli_writes_json_table_and_plots(tmp_path, capsys):
@@ -230,16 +257,21 @@ def test_quick_experiment_through_the_cli_writes_json_table_and_plots(tmp_path, 
 
 
 def test_same_seed_reproduces_metrics_in_process_and_in_workers_and_another_seed_differs(tmp_path):
-    first = run_experiment("memory_access", quick=True, seeds=[0], out_dir=tmp_path / "a", progress=False, verbose=False)
-    again = run_experiment("memory_access", quick=True, seeds=[0], out_dir=tmp_path / "b", progress=False, verbose=False,
-                           workers=2)  # spawned processes, one thread each
-    other = run_experiment("memory_access", quick=True, seeds=[1], out_dir=tmp_path / "c", progress=False, verbose=False)
+    first = run_experiment(
+        "memory_access", quick=True, seeds=[0], out_dir=tmp_path / "a", progress=False, verbose=False
+    )
+    again = run_experiment(
+        "memory_access", quick=True, seeds=[0], out_dir=tmp_path / "b", progress=False, verbose=False, workers=2
+    )  # spawned processes, one thread each
+    other = run_experiment(
+        "memory_access", quick=True, seeds=[1], out_dir=tmp_path / "c", progress=False, verbose=False
+    )
     assert again["workers"] == 2
     assert _non_timing(first) == _non_timing(again)
     a = {name: m for name, _, m in _non_timing(first)}
     c = {name: m for name, _, m in _non_timing(other)}
     assert all(a[n]["val_loss"] != c[n]["val_loss"] for n in a)
-    for name, metrics in a.items():  # the measured access never exceeds the analytic bound
+    for metrics in a.values():  # the measured access never exceeds the analytic bound
         for b in (1, 16):
             assert 1 <= metrics[f"distinct_B{b}"] <= metrics[f"bound_B{b}"] <= metrics[f"population_B{b}"]
     assert a["moe2"]["distinct_B1"] == 2 and a["moe8"]["distinct_B1"] == 8  # one token: exactly k experts
@@ -257,29 +289,34 @@ def test_resume_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, mon
     calls = []
     original = module.run
     monkeypatch.setattr(module, "run", lambda v, s, q: calls.append(v.name) or original(v, s, q))
-    resumed = run_experiment("init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False,
-                             resume=True)
+    resumed = run_experiment(
+        "init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False, resume=True
+    )
     assert calls == [r["name"] for r in first["runs"][4:]]
     assert resumed["resumed_runs"] == 4
     assert resumed["runs"][0]["metrics"]["val_loss"] == 123.0
     assert _non_timing(resumed)[1:] == _non_timing(first)[1:]
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"runs": [{"name": "dense", "se', r"init_stability\.json is not valid JSON \(.* at line 1, column \d+\)"),
-    ('{"runs": {"name": "dense"}}', r"init_stability\.json is not an experiment results file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"runs": [{"name": "dense", "se', r"init_stability\.json is not valid JSON \(.* at line 1, column \d+\)"),
+        ('{"runs": {"name": "dense"}}', r"init_stability\.json is not an experiment results file"),
+    ],
+)
 def test_resume_refuses_a_torn_results_file_and_keeps_it(tmp_path, text, message):
     path = tmp_path / "init_stability.json"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        run_experiment("init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False,
-                       resume=True)
+        run_experiment(
+            "init_stability", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False, resume=True
+        )
     assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["init_stability.json"]
 
 
 def test_ultramem_ablations_remove_one_mechanism_each_at_equal_activated_parameters():
-    from minimem.experiments import ultramem_ablations
+    from minimem_tools.experiments import ultramem_ablations
 
     configs = {n: c for n, (_, c) in ultramem_ablations.ablation_configs().items()}
     base = configs["baseline"]
@@ -297,7 +334,7 @@ def test_ultramem_ablations_remove_one_mechanism_each_at_equal_activated_paramet
 
 
 def test_head2head_finalize_times_the_steps_and_writes_the_profile(tmp_path):
-    from minimem.experiments import head2head
+    from minimem_tools.experiments import head2head
 
     runs = [{"name": v.name, "labels": v.labels, "config": v.config} for v in head2head.variants(True)]
     result = {"runs": runs}
@@ -309,10 +346,13 @@ def test_head2head_finalize_times_the_steps_and_writes_the_profile(tmp_path):
     infer = result["inference_tokens_per_s"]
     shakespeare = {r["name"] for r in runs if r["labels"]["task"] == "shakespeare"}
     assert set(infer) == shakespeare | {"what"} and all(infer[n]["mean"] > 0 for n in shakespeare)
-    assert head2head.speed(result, "ultramemv2", "total", "infer_tokens_per_s")[0] == infer[
-        head2head.name_of("ultramemv2", "total", "shakespeare")]["mean"]
+    assert (
+        head2head.speed(result, "ultramemv2", "total", "infer_tokens_per_s")[0]
+        == infer[head2head.name_of("ultramemv2", "total", "shakespeare")]["mean"]
+    )
     # training tokens/s from the interleaved step time: 12 x 64 tokens per step
     assert head2head.speed(result, "moe2", "active", "train_tokens_per_s")[0] == pytest.approx(
-        768 / (step["wall_ms"]["moe"] / 1000))
+        768 / (step["wall_ms"]["moe"] / 1000)
+    )
     profile = (tmp_path / "head2head_profile.txt").read_text()
     assert "## ultramemv2" in profile and "the largest differences" in profile  # ultramemv2 against dense

@@ -6,6 +6,7 @@ hostile stubs, one per chapter, graded in one run beside a chapter with a correc
 each hostile chapter must score 0 with a reason, the correct one its full points. The
 checkout's exercises are never modified.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,20 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from minimem import grading
+from minimem_tools import grading
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Appended to a chapter's stub: its functions still raise NotImplementedError.
 HOSTILE = {
-    "forges the grader's and pytest's results": '''
+    "forges the grader's and pytest's results": """
 import _pytest.reports
-from minimem import grading
+from minimem_tools import grading
 grading.GradedTest.earned = property(lambda self: self.points)  # the grader's classes: every test earns
 grading.GradedTest.passed = property(lambda self: True, lambda self, value: None)
 _pytest.reports.TestReport.outcome = property(lambda self: "passed", lambda self, value: None)  # pytest's reports
-''',
-    "rewrites the report at exit": '''
+""",
+    "rewrites the report at exit": """
 import atexit, re, sys
 _report = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--junitxml="))
 
@@ -42,12 +43,12 @@ def _forge():  # drop every failure from the report that pytest has just written
 
 
 atexit.register(_forge)
-''',
-    "ends the process with os._exit(0)": '''
+""",
+    "ends the process with os._exit(0)": """
 import os
 os._exit(0)
-''',
-    "ignores SIGALRM in an endless loop": '''
+""",
+    "ignores SIGALRM in an endless loop": """
 import signal, time
 
 
@@ -60,15 +61,15 @@ def _hang(*args, **kwargs):
 for _name, _function in list(globals().items()):
     if callable(_function) and getattr(_function, "__module__", None) == __name__:
         globals()[_name] = _hang
-''',
-    "segfaults (ctypes)": '''
+""",
+    "segfaults (ctypes)": """
 import ctypes
 ctypes.string_at(0)
-''',
-    "aborts (os.abort)": '''
+""",
+    "aborts (os.abort)": """
 import os
 os.abort()
-''',
+""",
 }
 EXPECTED_REASON = {  # a fragment of the reason each hostile chapter's score is 0
     "forges the grader's and pytest's results": "tampered with",
@@ -149,7 +150,8 @@ def test_every_hostile_stub_still_raises_not_implemented_error(hostile_run):
 IDS = ["exercises/graders/test_ch2.py::TestA::test_x", "exercises/graders/test_ch2.py::TestA::test_y[3]"]
 PASS_X, PASS_Y = ('<testcase classname="{}" name="{}" />'.format(*grading._junit_address(i)) for i in IDS)
 FAIL_Y = '<testcase classname="{}" name="{}"><failure message="AssertionError: no">no</failure></testcase>'.format(
-    *grading._junit_address(IDS[1]))
+    *grading._junit_address(IDS[1])
+)
 CANARY_FAILED = f'<testcase classname="" name="{grading.CANARY_NAME}"><failure message="x">x</failure></testcase>'
 CANARY_PASSED = f'<testcase classname="" name="{grading.CANARY_NAME}" />'
 REPORTS = [  # (test cases in the report, pytest's exit status, fragment of the reason for 0, or None: scored)
@@ -179,10 +181,14 @@ def test_a_report_is_trusted_only_when_complete_and_consistent(tmp_path, cases, 
 
 
 def test_no_report_or_a_kill_scores_zero(tmp_path):
-    assert "was killed by SIGSEGV before writing its report" in grading._check_report(
-        tmp_path / "none.xml", -11, False, 10.0, IDS)[1]
-    assert "did not finish within 10 s and was killed" in grading._check_report(
-        tmp_path / "none.xml", -9, True, 10.0, IDS)[1]
+    assert (
+        "was killed by SIGSEGV before writing its report"
+        in grading._check_report(tmp_path / "none.xml", -11, False, 10.0, IDS)[1]
+    )
+    assert (
+        "did not finish within 10 s and was killed"
+        in grading._check_report(tmp_path / "none.xml", -9, True, 10.0, IDS)[1]
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -210,8 +216,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, argv, exercises, fragment):
     env.pop("MINIMEM_EXERCISES", None)
     if exercises is not None:
         env["MINIMEM_EXERCISES"] = exercises.format(tmp=tmp_path)
-    done = subprocess.run([sys.executable, "-m", "minimem.cli", "grade", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "minimem_tools.cli", "grade", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minimem grade: error: "), done.stderr

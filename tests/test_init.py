@@ -1,4 +1,5 @@
 """Principled initialisation of UltraMemV2 [UM2] App. A: formulas, Monte Carlo sigma_s, branch variances."""
+
 import math
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from minimem.config import config_from_dict, load_config
-from minimem.memory.init import (
+from minimem.init import (
     estimate_score_moments,
     ffn_output_variance,
     linear_std,
@@ -17,8 +18,8 @@ from minimem.memory.init import (
     printed_value_std,
     swiglu_output_variance,
 )
-from minimem.memory.ultramemv2 import UltraMemV2
 from minimem.model import GPT, SwiGLU
+from minimem.ultramemv2 import UltraMemV2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,15 @@ def test_swiglu_variance_matches_a_measured_swiglu():
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
 def test_ffn_output_variance_is_the_gpt_ffn_at_init(ffn):
     torch.manual_seed(1)
-    cfg = config_from_dict({"model": {"ffn": ffn, "n_layer": 3, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 96,
-                                                                       "shared_expert": True}}}).model
+    cfg = config_from_dict(
+        {
+            "model": {
+                "ffn": ffn,
+                "n_layer": 3,
+                "moe": {"n_experts": 8, "top_k": 2, "d_expert": 96, "shared_expert": True},
+            }
+        }
+    ).model
     model = GPT(cfg)
     with torch.no_grad():
         measured = sum(block.ffn(unit_inputs(4096, 128)).var().item() for block in model.blocks) / 3
@@ -159,7 +167,8 @@ def test_plain_values_ablation_matches_the_ffn_variance(d_value, topk, heads):
     layer = UltraMemV2(cfg, 1)
     assert layer.pre_values is None and layer.pre_proj is None
     assert layer.value_std == pytest.approx(
-        plain_value_std(ffn_output_variance(cfg), layer.sigma_s, d_value, topk, heads, 128, layer.score_mean))
+        plain_value_std(ffn_output_variance(cfg), layer.sigma_s, d_value, topk, heads, 128, layer.score_mean)
+    )
     with torch.no_grad():
         measured = layer(x).var().item()
     assert measured / ffn_output_variance(cfg) == pytest.approx(1.0, abs=0.2)

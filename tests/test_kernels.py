@@ -3,6 +3,7 @@
 Triton's interpreter is chosen when the kernels are defined, so TRITON_INTERPRET=1 is set here
 before anything imports minimem.kernels.triton_lookup (CPU only: on a GPU the kernels compile).
 """
+
 import os
 
 import torch
@@ -31,7 +32,7 @@ def loop_lookup(values, indices, scores, pre_values=None, pre_input=None):
             row = int(indices[t, i])
             gate = 1.0 if pre_values is None else (pre_values[row] * pre_input[t]).sum()
             for k in range(cores):
-                out_t[k] = out_t[k] + scores[t, i, k] * gate * values[row, k * width:(k + 1) * width]
+                out_t[k] = out_t[k] + scores[t, i, k] * gate * values[row, k * width : (k + 1) * width]
         rows.append(torch.cat(out_t))
     return torch.stack(rows)
 
@@ -64,7 +65,7 @@ def assert_close_all(got, want, rtol=1e-5, atol=1e-5):
     for name, a, b in zip(names, got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         scale = b.abs().max().clamp_min(1.0) if b.numel() else 1.0
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -229,8 +230,9 @@ def test_triton_gradients_only_for_inputs_that_need_them():
             x.requires_grad_(any(x is y for y in trainable))
         out = memory_lookup(values, indices, scores, pre_values, pre_input, backend="triton")
         got = torch.autograd.grad(out.sum(), trainable)
-        want = torch.autograd.grad(memory_lookup(values, indices, scores, pre_values, pre_input, backend="torch").sum(),
-                                   trainable)
+        want = torch.autograd.grad(
+            memory_lookup(values, indices, scores, pre_values, pre_input, backend="torch").sum(), trainable
+        )
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """Compiled Triton lookup kernels vs the torch backend on a CUDA GPU (fp32 and bf16 tables)."""
+
 import pytest
 import torch
 
@@ -50,7 +51,9 @@ def run(backend, inputs, grad_out, upcast=False):
 def check(got, want, rtol, atol):
     for name, a, b in zip(["out", "grad_values", "grad_scores", "grad_pre_values", "grad_pre_input"], got, want):
         scale = b.abs().max().clamp_min(1.0).item()
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.float(), b.float(), rtol=rtol, atol=atol * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-T{}-m{}-Dv{}-Dp{}-c{}-pre{}".format(*c))

@@ -28,6 +28,7 @@ Reading the PTX: Triton emits ``.loc file line col`` before the instructions of 
 line, so a load is attributed to the ``tl.load`` call it came from (found with ``ast`` in
 triton_lookup.py, not by hand-copied line numbers).
 """
+
 from __future__ import annotations
 
 import ast
@@ -50,7 +51,9 @@ KERNELS_FILE = Path(__file__).resolve().parents[1] / "minimem" / "kernels" / "tr
 # the same on both. 60 compiles (with ptxas): about 40 s of CPU time.
 VARIANTS = [
     (dtype, cores, pre, arch)
-    for dtype, cores, pre, arch in itertools.product(("float32", "bfloat16", "float16"), (1, 2, 4), (False, True), (90, 80))
+    for dtype, cores, pre, arch in itertools.product(
+        ("float32", "bfloat16", "float16"), (1, 2, 4), (False, True), (90, 80)
+    )
     if arch == 90 or cores == 2
 ]
 # [UM2] Table 10 widths: D_v, D_p and D_v / c for every c above are divisible by 16, as is m.
@@ -130,8 +133,10 @@ def compile_all(out_path: str) -> None:
         if (dtype, cores, pre) not in launches:
             launches[dtype, cores, pre] = _record_launches(dtype, cores, pre)
         try:
-            kernels = {kernel.__name__: _compile(kernel, args, kwargs, arch)
-                       for kernel, args, kwargs in launches[dtype, cores, pre]}
+            kernels = {
+                kernel.__name__: _compile(kernel, args, kwargs, arch)
+                for kernel, args, kwargs in launches[dtype, cores, pre]
+            }
             results[variant_id(variant)] = {"kernels": kernels, "error": None}
         except Exception:  # reported by the tests, named by variant
             results[variant_id(variant)] = {"kernels": {}, "error": traceback.format_exc()}
@@ -149,7 +154,11 @@ def _kernel_def(kernel: str) -> ast.FunctionDef:
 
 def _runtime_params(kernel: str) -> list:
     """Names of the parameters of ``kernel`` that are not ``tl.constexpr``."""
-    return [p.arg for p in _kernel_def(kernel).args.args if p.annotation is None or ast.unparse(p.annotation) != "tl.constexpr"]
+    return [
+        p.arg
+        for p in _kernel_def(kernel).args.args
+        if p.annotation is None or ast.unparse(p.annotation) != "tl.constexpr"
+    ]
 
 
 def _source_lines(kernel: str, call: str, pointer: str) -> set:
@@ -157,8 +166,10 @@ def _source_lines(kernel: str, call: str, pointer: str) -> set:
     built from ``pointer``. The whole span: Triton may place the instructions at the closing line
     (for example where a no-op ``.to(tl.float32)`` follows the load)."""
     lines = {
-        line for node in ast.walk(_kernel_def(kernel))
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == f"tl.{call}"
+        line
+        for node in ast.walk(_kernel_def(kernel))
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func) == f"tl.{call}"
         and ast.unparse(node.args[0]).startswith(pointer)
         for line in range(node.lineno, node.end_lineno + 1)
     }
@@ -202,7 +213,11 @@ def compiled(tmp_path_factory):
     env["TRITON_CACHE_DIR"] = str(folder / "triton-cache")  # not the user's ~/.triton/cache
     proc = subprocess.run(
         [sys.executable, __file__, str(folder / "ptx.json")],
-        capture_output=True, text=True, env=env, timeout=480, cwd=KERNELS_FILE.parents[2],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=480,
+        cwd=KERNELS_FILE.parents[2],
     )
     assert proc.returncode == 0, f"compiling child failed:\n{proc.stderr[-6000:]}"
     return json.loads((folder / "ptx.json").read_text())
@@ -228,7 +243,9 @@ def test_every_variant_compiles(compiled, variant):
         # every pointer and width of this launch is divisible by 16, so every non-constexpr
         # argument carries the hint; without it the loads below could not be vectorised.
         runtime = _runtime_params(name)
-        assert kernel["divisible_by_16"] == runtime, f"{variant} {name}: divisibility hints on {kernel['divisible_by_16']}, want {runtime}"
+        assert kernel["divisible_by_16"] == runtime, (
+            f"{variant} {name}: divisibility hints on {kernel['divisible_by_16']}, want {runtime}"
+        )
 
 
 # (kernel, table pointer): the row loads that carry the forward's bytes.

@@ -9,6 +9,7 @@ To cover another chapter, add a ``LabCase`` to ``LAB_CASES``: its notebook, the 
 slider (``widget.add_class(...)`` in the notebook), the class of the output that the slider
 drives, and the text that output must show after one ArrowRight step.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,14 +68,26 @@ def jupyter_lab(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(value)
     port, token = free_port(), secrets.token_hex(16)
-    env = dict(os.environ, MINIMEM_SEED="0", JUPYTER_CONFIG_DIR=str(home / "config"),
-               JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"))
+    env = dict(
+        os.environ,
+        MINIMEM_SEED="0",
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+    )
     command = [
-        sys.executable, "-m", "jupyterlab", "--no-browser",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         "--LabApp.extension_manager=readonly",
     ]
     if os.geteuid() == 0:  # CI runs as root
@@ -123,8 +136,12 @@ def start_kernel_session(base: str, token: str, notebook: str) -> None:
     with a session already there, the opened notebook connects to it.
     """
     body = json.dumps({"path": notebook, "name": notebook, "type": "notebook", "kernel": {"name": "python3"}})
-    request = urllib.request.Request(f"{base}/api/sessions?token={token}", data=body.encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/api/sessions?token={token}",
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=30).close()
 
 
@@ -168,8 +185,9 @@ def test_notebook_runs_and_widget_drives_its_output(case, jupyter_lab, browser):
 
         # Run > Run All Cells, then wait until every code cell has an execution count.
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator("li.lm-Menu-item[data-command='runmenu:run-all'],"
-                     " li.lm-Menu-item[data-command='notebook:run-all-cells']").first.click()
+        page.locator(
+            "li.lm-Menu-item[data-command='runmenu:run-all'], li.lm-Menu-item[data-command='notebook:run-all-cells']"
+        ).first.click()
         page.wait_for_function(ALL_CELLS_RUN, arg=n_code, timeout=60_000)
         page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
         errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
@@ -184,7 +202,8 @@ def test_notebook_runs_and_widget_drives_its_output(case, jupyter_lab, browser):
         page.keyboard.press("ArrowRight")
         page.wait_for_function(
             "([selector, before]) => document.querySelector(selector).innerText !== before",
-            arg=[case.output, before], timeout=30_000,
+            arg=[case.output, before],
+            timeout=30_000,
         )
         after = output.inner_text()
         assert case.expected_after in after, f"after one step the output reads {after!r}"

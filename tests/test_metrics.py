@@ -1,12 +1,12 @@
 """Memory usage metrics [PKM]: hand-computed cases and the per-layer report on a small GPT."""
+
 import math
 
 import pytest
 import torch
 
-from minimem.config import ModelConfig
-from minimem.memory.config import MemoryConfig
-from minimem.memory.metrics import (
+from minimem.config import MemoryConfig, ModelConfig
+from minimem.metrics import (
     kl_from_uniform,
     memory_modules,
     memory_usage_report,
@@ -65,7 +65,10 @@ def test_bad_inputs_raise():
 
 def test_report_per_memory_layer_matches_manual_accumulation():
     config = ModelConfig(
-        n_layer=3, n_embd=16, n_head=2, block_size=8,
+        n_layer=3,
+        n_embd=16,
+        n_head=2,
+        block_size=8,
         memory=MemoryConfig(kind="pkm", n_slots=64, heads=2, topk=4, layers=[0, 2]),
     )
     torch.manual_seed(0)

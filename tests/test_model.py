@@ -1,4 +1,5 @@
-"""The GPT (minimem.model) and the MoE FFN (minimem.moe) against slow references written here."""
+"""The GPT (minimem.model) and the MoE FFN (minimem.ffn) against slow references written here."""
+
 import math
 
 import pytest
@@ -6,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from minimem.config import ModelConfig, MoEConfig
+from minimem.ffn import MoE
 from minimem.model import GPT, RMSNorm, Rotary, SwiGLU
-from minimem.moe import MoE
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -78,10 +78,12 @@ def test_rotary_scores_depend_only_on_the_offset():
     torch.manual_seed(1)
     rotary = Rotary(head_dim=16, max_len=32)
     q, k = torch.randn(16), torch.randn(16)
+
     def score(tq, tk):  # place q at position tq and k at tk in otherwise empty sequences
         xq, xk = torch.zeros(1, 32, 16), torch.zeros(1, 32, 16)
         xq[0, tq], xk[0, tk] = q, k
         return (rotary(xq)[0, tq] @ rotary(xk)[0, tk]).item()
+
     assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-4)
     assert score(7, 3) == pytest.approx(score(4, 0), abs=1e-4)
     assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)

@@ -4,6 +4,7 @@ nbval itself re-executes every notebook in ``make test`` (``--nbval-lax``, see t
 these tests check what nbval cannot: the saved state the book renders, the TOC, the sanitizers,
 and ``tools/execute_notebooks.py``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,7 +55,8 @@ def test_notebook_is_executed_top_to_bottom_with_clean_outputs(path):
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     counts = [cell.execution_count for cell in code if cell.source.strip()]
     assert counts == list(range(1, len(counts) + 1)), (
-        f"execution counts {counts}: re-run with `python tools/execute_notebooks.py {path.name}`")
+        f"execution counts {counts}: re-run with `python tools/execute_notebooks.py {path.name}`"
+    )
     for cell in code:
         for output in cell.outputs:
             assert output.output_type != "error", f"saved error output in cell:\n{cell.source[:200]}"
@@ -69,8 +71,13 @@ def test_notebook_is_executed_top_to_bottom_with_clean_outputs(path):
 def test_every_displayed_widget_has_saved_state(path):
     nb = nbformat.read(path, as_version=4)
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
-    shown = [output.data[WIDGET_VIEW]["model_id"] for cell in nb.cells if cell.cell_type == "code"
-             for output in cell.outputs if WIDGET_VIEW in output.get("data", {})]
+    shown = [
+        output.data[WIDGET_VIEW]["model_id"]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if WIDGET_VIEW in output.get("data", {})
+    ]
     missing = [model for model in shown if model not in state]
     assert not missing, f"widgets without saved state (the book cannot render them): {missing}"
 
@@ -117,8 +124,15 @@ def test_sanitizers_normalise_run_dependent_text():
 
 
 def test_sanitizers_leave_key_numbers_alone():
-    for text in ["slots N:       262,144", "costs 407x more per token", "loss 2.853", "512 slots 3 steps",
-                 "top-m = 32, D_k = 256", "1B/7B", "ratio 0.17"]:
+    for text in [
+        "slots N:       262,144",
+        "costs 407x more per token",
+        "loss 2.853",
+        "512 slots 3 steps",
+        "top-m = 32, D_k = 256",
+        "1B/7B",
+        "ratio 0.17",
+    ]:
         assert sanitize(text) == text
 
 
@@ -134,9 +148,11 @@ def write_notebook(path: Path, *sources: str) -> None:
 def test_execute_notebooks_runs_in_place_with_fixed_env_and_widget_state(tmp_path):
     tool = load_tool()
     path = tmp_path / "01_demo.ipynb"
-    write_notebook(path,
-                   "import os\nprint('seed', os.environ['MINIMEM_SEED'], 'cwd', os.path.basename(os.getcwd()))",
-                   "import ipywidgets as w\nslider = w.IntSlider(value=7)\nslider")
+    write_notebook(
+        path,
+        "import os\nprint('seed', os.environ['MINIMEM_SEED'], 'cwd', os.path.basename(os.getcwd()))",
+        "import ipywidgets as w\nslider = w.IntSlider(value=7)\nslider",
+    )
     assert tool.main([str(path)]) == 0
     nb = nbformat.read(path, as_version=4)
     assert [c.execution_count for c in nb.cells] == [1, 2]

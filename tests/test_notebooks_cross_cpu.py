@@ -11,6 +11,7 @@ cell to reproduce its committed output.
 The chapters run from a copy laid out like the repository (configs/, results/, benchmarks/ linked), so
 their runs go to the copy's runs/ and never touch the checkout's while the main nbval pass may run.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every chapter that trains or checks numbers computed in float32; 00 and 08 print only counts,
 # formulas and the committed results/*.json.
-CHAPTERS = ["01_ffn_memories", "02_product_keys", "03_pkm", "04_peer", "05_ultramem", "06_ultramemv2",
-            "07_triton_lookup", "09_scaling_out"]
+CHAPTERS = [
+    "01_ffn_memories",
+    "02_product_keys",
+    "03_pkm",
+    "04_peer",
+    "05_ultramem",
+    "06_ultramemv2",
+    "07_triton_lookup",
+    "09_scaling_out",
+]
 EXEMPT = ["00_welcome", "08_head_to_head"]
 LINKED = ["configs", "results", "benchmarks"]  # read by the chapters as ../configs etc.
 # The flags of the Makefile's nbval pass (NBVAL), with the copy's notebooks.
@@ -39,15 +48,17 @@ PROBE = "zz_cpu_code_path.ipynb"
 def torch_capability(env: dict[str, str]) -> str:
     """The code path torch takes in a fresh interpreter with ``env`` (AVX2, AVX512, DEFAULT, ...)."""
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def probe_notebook(capability: str) -> nbformat.NotebookNode:
     # A checked cell whose saved output is the code path asked for: it fails unless the kernel nbval
     # starts really runs there (the variables must reach it before it imports torch).
-    cell = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nimport torch\n\n"
-                                     "print(torch.backends.cpu.get_cpu_capability())", execution_count=1)
+    cell = nbformat.v4.new_code_cell(
+        "# NBVAL_CHECK_OUTPUT\nimport torch\n\nprint(torch.backends.cpu.get_cpu_capability())", execution_count=1
+    )
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=capability + "\n")]
     nb = nbformat.v4.new_notebook(cells=[cell])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -88,9 +99,22 @@ class NbvalRun:
         self.log = root / "nbval.log"
         with self.log.open("w") as log:  # a file, not a pipe: the other run must not wait on this one
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *NBVAL_FLAGS,
-                 *[str(p.relative_to(root)) for p in self.paths]],
-                cwd=root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    *NBVAL_FLAGS,
+                    *[str(p.relative_to(root)) for p in self.paths],
+                ],
+                cwd=root,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def available(self) -> bool:
@@ -111,8 +135,12 @@ class NbvalRun:
 def nbval_runs(request, tmp_path_factory):
     # Start every selected code path at once: each runs on one core (the chapters train with one thread),
     # so on 2 cores the two take the wall time of one.
-    wanted = [item.callspec.params["capability"] for item in request.session.items
-              if item.originalname == "test_checked_cells_match_under_another_cpu_code_path"]
+    wanted = [
+        item.callspec.params["capability"]
+        for item in request.session.items
+        if getattr(item, "originalname", None)
+        == "test_checked_cells_match_under_another_cpu_code_path"  # nbval cells have none
+    ]
     runs = {cap: NbvalRun(cap, tmp_path_factory.mktemp(f"cpu-{cap}")) for cap in dict.fromkeys(wanted)}
     yield runs
     for run in runs.values():
@@ -122,11 +150,13 @@ def nbval_runs(request, tmp_path_factory):
 def test_every_chapter_is_run_here_or_exempt():
     names = {path.stem for path in (REPO_ROOT / "notebooks").glob("*.ipynb")}
     assert names == set(CHAPTERS) | set(EXEMPT), (
-        "add each chapter to CHAPTERS (it trains or computes float32 numbers) or to EXEMPT (it does not)")
+        "add each chapter to CHAPTERS (it trains or computes float32 numbers) or to EXEMPT (it does not)"
+    )
     for name in EXEMPT:
         nb = nbformat.read(REPO_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         assert not any("train(" in cell.source for cell in nb.cells if cell.cell_type == "code"), (
-            f"{name} trains: it belongs in CHAPTERS")
+            f"{name} trains: it belongs in CHAPTERS"
+        )
 
 
 @pytest.mark.slow

@@ -1,15 +1,14 @@
 """PEER [PEER]: singleton experts against a loop reference, both lookup paths, gradcheck, training."""
+
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from minimem.config import ModelConfig
-from minimem.memory.config import MemoryConfig
-from minimem.memory.peer import PEER
+from minimem.config import MemoryConfig, ModelConfig
 from minimem.model import GPT
-
+from minimem.peer import PEER
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -122,7 +121,11 @@ def test_gpt_with_peer_trains():
     stoi = {c: i for i, c in enumerate(sorted(set(text)))}
     data = torch.tensor([stoi[c] for c in text])
     config = ModelConfig(
-        n_layer=2, n_embd=32, n_head=4, block_size=32, ffn_hidden=86,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        block_size=32,
+        ffn_hidden=86,
         memory=MemoryConfig(kind="peer", n_slots=256, heads=2, topk=8, activation="gelu"),
     )
     torch.manual_seed(0)

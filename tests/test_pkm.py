@@ -1,15 +1,14 @@
 """PKM [PKM]: the layer against a slot-by-slot loop, gradcheck, BatchNorm, usage, config errors, training."""
+
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from minimem.config import ModelConfig
-from minimem.memory.config import MemoryConfig
-from minimem.memory.pkm import PKM
+from minimem.config import MemoryConfig, ModelConfig
 from minimem.model import GPT
-
+from minimem.pkm import PKM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -221,7 +220,11 @@ def train_losses(config, steps=50, lr=3e-3):
 
 def test_gpt_with_pkm_trains():
     config = ModelConfig(
-        n_layer=2, n_embd=32, n_head=4, block_size=32, ffn_hidden=86,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        block_size=32,
+        ffn_hidden=86,
         memory=MemoryConfig(kind="pkm", n_slots=256, heads=2, topk=8),
     )
     model, losses = train_losses(config)

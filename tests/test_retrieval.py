@@ -1,4 +1,5 @@
-"""minimem.retrieval: product keys and TDQKR against slow loop references, ties included."""
+"""minimem.product_keys and minimem.tucker: product keys and TDQKR against slow loop references, ties included."""
+
 import math
 
 import pytest
@@ -6,18 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimem.retrieval import (
+from minimem.product_keys import (
     brute_force_topk,
     multihead_product_key_topk,
     ordered_topk,
     product_key_topk,
-    rank1_core,
     subkey_scores_topk,
-    tucker_exact_topk,
-    tucker_recall,
-    tucker_topk,
 )
-
+from minimem.tucker import rank1_core, tucker_exact_topk, tucker_recall, tucker_topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -120,7 +117,10 @@ def test_product_key_topk_equals_brute_force_at_moderate_size(dtype, integer):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    R=st.integers(1, 5), L=st.integers(1, 30), k_frac=st.floats(0, 1), high=st.integers(1, 6),
+    R=st.integers(1, 5),
+    L=st.integers(1, 30),
+    k_frac=st.floats(0, 1),
+    high=st.integers(1, 6),
     seed=st.integers(0, 10**6),
 )
 def test_ordered_topk_is_a_stable_sort_prefix(R, L, k_frac, high, seed):
@@ -139,7 +139,7 @@ def test_product_key_scores_gradcheck():
     # the gradient is the one of the selected slots' scores
     scores, idx = product_key_topk(q1, q2, k1, k2, 4)
     scores.sum().backward()
-    i, j = idx // 5, idx % 5
+    i = idx // 5
     expected_q1 = k1.detach()[i].sum(1)  # d/dq1 sum_slots <q1, K1[i]>
     assert torch.allclose(q1.grad, expected_q1)
 
@@ -205,8 +205,13 @@ def loop_tucker_exact(s_row, s_col, cores, m):
         per_core.append(
             [
                 [
-                    float(sum(s_row[t, a, f // n] * cores[k, a, b] * s_col[t, b, f % n]
-                              for a in range(r) for b in range(r)))
+                    float(
+                        sum(
+                            s_row[t, a, f // n] * cores[k, a, b] * s_col[t, b, f % n]
+                            for a in range(r)
+                            for b in range(r)
+                        )
+                    )
                     for k in range(cores.shape[0])
                 ]
                 for f in chosen
@@ -318,7 +323,7 @@ def test_candidate_pruning_keeps_exactness_at_m_equals_n():
 
 
 def test_retrieval_bench_script_runs_small(capsys):
-    from minimem.bench.retrieval import main
+    from minimem_tools.bench.retrieval import main
 
     assert main(["--n", "32", "--m", "8", "--tokens", "16", "--d-key", "8", "--sweep", "8", "16"]) == 0
     out = capsys.readouterr().out

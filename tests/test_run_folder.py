@@ -1,6 +1,7 @@
 """A run folder is never lost: refuse to reuse it silently, --overwrite keeps the old run until the
 new one's first checkpoint, one writer at a time, torn metrics, a full disk, a model too big for
 memory, and ``--out`` paths that cannot be a run folder (each one stderr line, exit 2, nothing changed)."""
+
 import errno
 import json
 import os
@@ -13,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import REPO, losses, metrics, tiny  # the tiny run config and metric readers are shared
 
 import minimem.checkpoint
 import minimem.guards
 import minimem.train
 from minimem.checkpoint import load_checkpoint
 from minimem.model import GPT
-from minimem.train import SetupError, TrainingDiverged, estimate_memory, main, train
-from test_train import REPO, losses, metrics, tiny  # the tiny run config and metric readers are shared
+from minimem.train import SetupError, TrainingDiverged, estimate_memory, train
+from minimem_tools.train import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -29,7 +31,8 @@ def snapshot(folder: Path) -> dict:
     """Every file and folder under ``folder``: mode and content (the lock file's holder PID left out)."""
     return {
         str(p.relative_to(folder)): (p.stat().st_mode, None if p.is_dir() else p.read_bytes())
-        for p in sorted(folder.rglob("*")) if p.name != minimem.train.LOCK_FILE
+        for p in sorted(folder.rglob("*"))
+        if p.name != minimem.train.LOCK_FILE
     }
 
 
@@ -109,8 +112,13 @@ def test_after_its_first_checkpoint_an_overwrite_leaves_only_the_new_run(tmp_pat
         m.setattr(GPT, "forward", failing_forward(5, "raise"))
         with pytest.raises(RuntimeError):
             train(new, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.json", "ckpt-0000003", "config.json",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "checkpoint.json",
+        "ckpt-0000003",
+        "config.json",
+        "metrics.jsonl",
+    ]
     assert load_checkpoint(out).step == 3
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3
     assert [r["step"] for r in metrics(new)] == [1, 2, 3, 4]  # the new run's lines only
@@ -154,10 +162,16 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path, 
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from minimem.train import lock_run_folder\n"
-         f"lock = lock_run_folder(Path({str(out)!r})); print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from minimem.train import lock_run_folder\n"
+            f"lock = lock_run_folder(Path({str(out)!r})); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -238,9 +252,21 @@ def test_a_model_too_big_for_memory_is_refused_at_once_before_allocating(tmp_pat
     cfg = write_config(tmp_path)
     out = tmp_path / "run"
     start = time.perf_counter()
-    code, err = run_cli(capsys, "--config", str(cfg), "--out", str(out), "--no-progress", "--set",
-                        "model.n_embd=4096", "model.n_head=32", "model.n_layer=48", "model.ffn_hidden=10922",
-                        "model.block_size=256", "train.batch_size=16")
+    code, err = run_cli(
+        capsys,
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "model.n_embd=4096",
+        "model.n_head=32",
+        "model.n_layer=48",
+        "model.ffn_hidden=10922",
+        "model.block_size=256",
+        "train.batch_size=16",
+    )
     assert time.perf_counter() - start < 1.0
     assert code == 2 and len(err) == 1, err
     need = float(err[0].split("needs about ")[1].split(" GB")[0].replace(",", ""))
@@ -328,10 +354,25 @@ def test_bad_out_in_a_real_process(tmp_path):
     (tmp_path / "file.txt").write_text("notes\n")
     cfg = write_config(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "minimem", "train", "--config", str(cfg), "--out", str(tmp_path / "file.txt"),
-         "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "minimem_tools",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "file.txt"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"minimem train: error: --out {tmp_path / 'file.txt'} is a file, not a folder: "
-                                        f"give the path of a folder (new or existing)"]
+    assert proc.stderr.splitlines() == [
+        f"minimem train: error: --out {tmp_path / 'file.txt'} is a file, not a folder: "
+        f"give the path of a folder (new or existing)"
+    ]
     assert (tmp_path / "file.txt").read_text() == "notes\n"

@@ -4,6 +4,7 @@ Every "Specification §N" in the package, the exercises, the tools and the noteb
 section that exists there (a MyST label ``(spec-N)=``, dots written as dashes), and nothing
 cites a specification outside the repository.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = REPO_ROOT / "book" / "specification.md"
 CITATION = re.compile(r"Specification §(\d+(?:\.\d+)?)(?:\s*[-–]\s*§(\d+(?:\.\d+)?))?")
-SOURCES = [*(REPO_ROOT / "minimem").rglob("*.py"), *(REPO_ROOT / "exercises").rglob("*.py"),
-           *(REPO_ROOT / "tools").rglob("*.py"), *(REPO_ROOT / "notebooks").glob("*.ipynb")]
+SOURCES = [
+    *(REPO_ROOT / "minimem").rglob("*.py"),
+    *(REPO_ROOT / "minimem_tools").rglob("*.py"),
+    *(REPO_ROOT / "exercises").rglob("*.py"),
+    *(REPO_ROOT / "tools").rglob("*.py"),
+    *(REPO_ROOT / "notebooks").glob("*.ipynb"),
+]
 
 
 def labels() -> set[str]:
@@ -43,6 +49,9 @@ def test_every_cited_section_exists():
 
 
 def test_nothing_cites_a_specification_outside_the_repository():
-    stale = [str(p.relative_to(REPO_ROOT)) for p in SOURCES
-             if re.search(r"SPEC §|shared/SPEC", p.read_text(encoding="utf-8"))]
+    stale = [
+        str(p.relative_to(REPO_ROOT))
+        for p in SOURCES
+        if re.search(r"SPEC §|shared/SPEC", p.read_text(encoding="utf-8"))
+    ]
     assert not stale, f"these files cite SPEC §, which is not in the repository: {stale}"

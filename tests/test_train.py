@@ -1,4 +1,5 @@
 """minimem.optim and minimem.train: parameter groups, schedule, metrics, exact resume, NaN stop, DDP."""
+
 import json
 import math
 import os
@@ -11,11 +12,13 @@ import torch
 import yaml
 
 import minimem.data
+import minimem.train
 from minimem.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from minimem.config import Config, ModelConfig, MoEConfig, TrainConfig
 from minimem.model import GPT
 from minimem.optim import build_optimizer, learning_rate, param_groups, set_learning_rates, value_lr_multiplier
-from minimem.train import SetupError, TrainingDiverged, main, train
+from minimem.train import SetupError, TrainingDiverged, train
+from minimem_tools.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,10 +27,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(tmp_path, name="run", ffn="dense", **train_kw) -> Config:
-    model = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64, ffn=ffn,
-                        moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))
-    train_kw = {"batch_size": 4, "max_steps": 16, "warmup_steps": 4, "lr": 3e-3, "eval_interval": 8, "eval_iters": 2,
-                "ckpt_interval": 8, "log_interval": 1, "threads": 1, "out_dir": str(tmp_path / name), **train_kw}
+    model = ModelConfig(
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        ffn_hidden=64,
+        ffn=ffn,
+        moe=MoEConfig(n_experts=4, top_k=2, d_expert=16),
+    )
+    train_kw = {
+        "batch_size": 4,
+        "max_steps": 16,
+        "warmup_steps": 4,
+        "lr": 3e-3,
+        "eval_interval": 8,
+        "eval_iters": 2,
+        "ckpt_interval": 8,
+        "log_interval": 1,
+        "threads": 1,
+        "out_dir": str(tmp_path / name),
+        **train_kw,
+    }
     return Config(model=model, train=TrainConfig(**train_kw))
 
 
@@ -55,7 +76,11 @@ def test_param_groups_split_decay_no_decay_and_memory_values():
     assert ids("no_decay") == norms
     assert id(model.tok_emb.weight) in ids("decay")  # tied with lm_head: counted once
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
-    assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"], groups["memory_values"]["weight_decay"]) == (0.1, 0.0, 0.0)
+    assert (
+        groups["decay"]["weight_decay"],
+        groups["no_decay"]["weight_decay"],
+        groups["memory_values"]["weight_decay"],
+    ) == (0.1, 0.0, 0.0)
 
 
 def test_learning_rate_warmup_then_cosine_to_min_lr():
@@ -129,7 +154,7 @@ def test_resume_after_a_crash_replays_the_same_losses_bitwise(tmp_path, monkeypa
     reference = train(straight, progress=False)
 
     crashed = tiny(tmp_path, "crashed")
-    real_get_dataset = minimem.data.get_dataset
+    real_get_dataset = minimem.train.get_dataset
 
     def dying_dataset(*args, **kwargs):  # the process dies while sampling step 12's batch
         dataset = real_get_dataset(*args, **kwargs)
@@ -145,7 +170,7 @@ def test_resume_after_a_crash_replays_the_same_losses_bitwise(tmp_path, monkeypa
         return dataset
 
     with monkeypatch.context() as m:
-        m.setattr(minimem.data, "get_dataset", dying_dataset)
+        m.setattr(minimem.train, "get_dataset", dying_dataset)
         with pytest.raises(KeyboardInterrupt):
             train(crashed, progress=False)
     assert load_checkpoint(crashed.train.out_dir).step == 8
@@ -209,8 +234,20 @@ def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny(tmp_path).to_dict()))
-    code = main(["--config", str(cfg), "--out", str(out), "--no-progress",
-                 "--set", "train.lr=1e30", "train.min_lr=0", "train.warmup_steps=0", "train.ckpt_interval=1"])
+    code = main(
+        [
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "train.lr=1e30",
+            "train.min_lr=0",
+            "train.warmup_steps=0",
+            "train.ckpt_interval=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("minimem train: error:") and "at step" in err and "Traceback" not in err
@@ -253,9 +290,26 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     cfg.write_text(yaml.safe_dump(config.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimem",
-         "train", "--config", str(cfg), "--out", str(tmp_path / "ddp"), "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "minimem_tools",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(" parameters, shakespeare") == 1 and ", 2 processes" in proc.stdout  # rank 0 alone prints

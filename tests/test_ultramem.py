@@ -1,4 +1,5 @@
 """UltraMem [UM]: forward vs a slow loop reference, gradcheck, SVD refresh, IVE shuffle, errors, training."""
+
 import math
 from pathlib import Path
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from minimem.config import config_from_dict, load_config
-from minimem.memory.ultramem import TuckerRetrieval, UltraMem
 from minimem.model import GPT
+from minimem.ultramem import TuckerRetrieval, UltraMem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +17,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(**memory):
-    mem = dict(kind="ultramem", skip=[[0, 1]], n_slots=16, expansion=4, topk=3, d_key=8, d_value=8,
-               cores=2, rank=2, heads=2, softmax=False)
+    mem = dict(
+        kind="ultramem",
+        skip=[[0, 1]],
+        n_slots=16,
+        expansion=4,
+        topk=3,
+        d_key=8,
+        d_value=8,
+        cores=2,
+        rank=2,
+        heads=2,
+        softmax=False,
+    )
     mem.update(memory)
     return config_from_dict({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "memory": mem}}).model
 
@@ -45,7 +57,9 @@ def loop_tucker(retrieval, x):
             for a in range(r):
                 start = ((head * 2 + side) * r + a) * d  # weight rows ordered (head, side, rank, channel)
                 q = layer_norm(q_all[start : start + d], gq)
-                S[side][a] = [sum(qe * ke for qe, ke in zip(q, layer_norm(keys[head][side][a][i], gk))) for i in range(n)]
+                S[side][a] = [
+                    sum(qe * ke for qe, ke in zip(q, layer_norm(keys[head][side][a][i], gk))) for i in range(n)
+                ]
         u, t = retrieval.u[head].tolist(), retrieval.t[head].tolist()
         cores = retrieval.cores[head].tolist()  # (c, r, r)
         row_key = [sum(u[a] * S[0][a][i] for a in range(r)) for i in range(n)]
@@ -84,9 +98,9 @@ def loop_ultramem(layer, x):
                 p, row = virtual // N, virtual % N
                 token_rows.append(row)
                 for k in range(c):
-                    pooled[p][k * width:(k + 1) * width] += scores[k] * layer.values[row, k * width:(k + 1) * width]
+                    pooled[p][k * width : (k + 1) * width] += scores[k] * layer.values[row, k * width : (k + 1) * width]
             for p in range(E):
-                out[b, t] += Wp[:, p * Dv:(p + 1) * Dv] @ pooled[p]
+                out[b, t] += Wp[:, p * Dv : (p + 1) * Dv] @ pooled[p]
             rows_read.append(sorted(token_rows))
     return out, rows_read
 
@@ -123,7 +137,9 @@ def softmax_reference(layer, x):
                 for (_, slot), w in zip(head, weights):
                     virtual = int(layer.shuffle[slot])
                     for k in range(c):
-                        pooled[virtual // N][k * width:(k + 1) * width] += w[k] * layer.values[virtual % N, k * width:(k + 1) * width]
+                        pooled[virtual // N][k * width : (k + 1) * width] += (
+                            w[k] * layer.values[virtual % N, k * width : (k + 1) * width]
+                        )
             out[b, t] = layer.value_proj(torch.cat(pooled))
     return out
 
@@ -148,8 +164,16 @@ def test_gradcheck_float64():
     torch.manual_seed(1)
     layer = UltraMem(tiny_config(), 0, 1).double()
     names = [n for n, _ in layer.named_parameters()]
-    assert {"values", "value_proj.weight", "retrieval.cores", "retrieval.keys", "retrieval.query.weight",
-            "retrieval.query_norm.weight", "retrieval.key_norm.weight", "norm.weight"} <= set(names)
+    assert {
+        "values",
+        "value_proj.weight",
+        "retrieval.cores",
+        "retrieval.keys",
+        "retrieval.query.weight",
+        "retrieval.query_norm.weight",
+        "retrieval.key_norm.weight",
+        "norm.weight",
+    } <= set(names)
     params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
     x = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
 
@@ -210,8 +234,20 @@ def test_ive_shuffle_is_a_fixed_permutation():
     assert torch.equal(torch.sort(a.shuffle).values, torch.arange(4 * 16))  # a permutation of the E N slots
     assert torch.equal(a.shuffle, b.shuffle)  # seeded by the layer, not the global RNG
     assert not torch.equal(a.shuffle, torch.arange(64))
-    other = UltraMem(config_from_dict({"model": {"n_layer": 3, "n_embd": 16, "n_head": 2, "memory": dict(
-        kind="ultramem", skip=[[0, 2]], n_slots=16, expansion=4, topk=3, d_key=8, d_value=8)}}).model, 0, 2)
+    other = UltraMem(
+        config_from_dict(
+            {
+                "model": {
+                    "n_layer": 3,
+                    "n_embd": 16,
+                    "n_head": 2,
+                    "memory": dict(kind="ultramem", skip=[[0, 2]], n_slots=16, expansion=4, topk=3, d_key=8, d_value=8),
+                }
+            }
+        ).model,
+        0,
+        2,
+    )
     assert not torch.equal(a.shuffle, other.shuffle)  # another (i, j): another permutation
     saved = a.shuffle.clone()
     a(torch.randn(1, 4, 16)).sum().backward()
@@ -232,7 +268,7 @@ def test_ive_blocks_use_their_own_projection():
     for p in range(4):
         with torch.no_grad():
             layer.value_proj.weight.zero_()
-            layer.value_proj.weight[:, p * 8:(p + 1) * 8] = weight[:, p * 8:(p + 1) * 8]
+            layer.value_proj.weight[:, p * 8 : (p + 1) * 8] = weight[:, p * 8 : (p + 1) * 8]
         total += layer(x)
     torch.testing.assert_close(total, full)  # sum over blocks of W_p^T pooled_p
 

@@ -1,15 +1,16 @@
 """UltraMemV2 [UM2]: forward vs a loop reference, gradcheck, ring sharing, MCP, errors, training."""
-import math
+
 from pathlib import Path
 
 import pytest
 import torch
+from test_ultramem import loop_tucker, train_and_check  # the TDQKR loop reference is shared with UltraMem
 from torch.utils.flop_counter import FlopCounterMode
 
+from minimem.accounting import ffn_flops_per_token, mcp_percent, memory_flops_per_token
 from minimem.config import config_from_dict, load_config
-from minimem.memory.ultramemv2 import UltraMemV2, ffn_flops_per_token, mcp_percent, memory_flops_per_token
 from minimem.model import GPT
-from test_ultramem import loop_tucker, train_and_check  # the TDQKR loop reference is shared with UltraMem
+from minimem.ultramemv2 import UltraMemV2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,11 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(n_layer=2, **memory):
-    mem = dict(kind="ultramemv2", n_slots=16, topk=3, d_key=8, d_value=8, d_pre=4, cores=2, rank=2, heads=2,
-               softmax=False)
+    mem = dict(
+        kind="ultramemv2", n_slots=16, topk=3, d_key=8, d_value=8, d_pre=4, cores=2, rank=2, heads=2, softmax=False
+    )
     mem.update(memory)
-    return config_from_dict({"model": {"n_layer": n_layer, "n_embd": 16, "n_head": 2, "block_size": 8,
-                                       "ffn_hidden": 24, "memory": mem}}).model
+    return config_from_dict(
+        {"model": {"n_layer": n_layer, "n_embd": 16, "n_head": 2, "block_size": 8, "ffn_hidden": 24, "memory": mem}}
+    ).model
 
 
 ACT = {"none": lambda g: g, "gelu": torch.nn.functional.gelu, "relu": torch.relu}
@@ -52,23 +55,29 @@ def loop_ultramemv2(layer, x):
                 token_rows.append(row)
                 gate = act(torch.dot(layer.pre_values[row], px)) if px is not None else 1.0
                 for k in range(c):
-                    read[block * Dv + k * width:block * Dv + (k + 1) * width] += (
-                        scores[k] * gate * layer.values[row, k * width:(k + 1) * width])
+                    read[block * Dv + k * width : block * Dv + (k + 1) * width] += (
+                        scores[k] * gate * layer.values[row, k * width : (k + 1) * width]
+                    )
             out[b, t] = layer.out_proj.weight @ read
             rows_read.append(sorted(token_rows))
     return out, rows_read
 
 
-@pytest.mark.parametrize("activation,heads,ablation", [
-    ("none", 2, {}), ("gelu", 1, {}),
-    ("none", 2, {"pre_values": False}),  # change 3 undone: plain values
-    ("none", 1, {"value_projections": 4}),  # change 2 undone: UltraMem's E per-block projections
-    ("gelu", 2, {"value_projections": 4, "ring_group": 4, "n_slots": 4, "topk": 2}),
-])
+@pytest.mark.parametrize(
+    "activation,heads,ablation",
+    [
+        ("none", 2, {}),
+        ("gelu", 1, {}),
+        ("none", 2, {"pre_values": False}),  # change 3 undone: plain values
+        ("none", 1, {"value_projections": 4}),  # change 2 undone: UltraMem's E per-block projections
+        ("gelu", 2, {"value_projections": 4, "ring_group": 4, "n_slots": 4, "topk": 2}),
+    ],
+)
 def test_forward_matches_loop_reference(activation, heads, ablation):
     torch.manual_seed(0)
-    layer = UltraMemV2(tiny_config(n_layer=2 + 2 * ("ring_group" in ablation), activation=activation, heads=heads,
-                                   **ablation), 1).double()
+    layer = UltraMemV2(
+        tiny_config(n_layer=2 + 2 * ("ring_group" in ablation), activation=activation, heads=heads, **ablation), 1
+    ).double()
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     with torch.no_grad():
         out = layer(x)
@@ -82,14 +91,19 @@ def test_gradcheck_float64():
     for activation, ablation in (("none", {}), ("relu", {}), ("none", {"pre_values": False, "value_projections": 4})):
         layer = UltraMemV2(tiny_config(activation=activation, **ablation), 0).double()
         names = [n for n, _ in layer.named_parameters()]
-        expected = {"value_table.values", "out_proj.weight", "retrieval.cores", "retrieval.keys",
-                    "retrieval.query.weight"}
+        expected = {
+            "value_table.values",
+            "out_proj.weight",
+            "retrieval.cores",
+            "retrieval.keys",
+            "retrieval.query.weight",
+        }
         assert expected <= set(names)
         assert ({"value_table.pre_values", "pre_proj.weight"} <= set(names)) == ("pre_values" not in ablation)
         params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
         x = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
 
-        def f(x, *ps):
+        def f(x, *ps, layer=layer, names=names):
             return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
         assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
@@ -163,7 +177,9 @@ def test_ring_window_starts_at_the_layer_offset_and_wraps():
 
 
 def test_ring_group_needs_a_square_table():
-    with pytest.raises(ValueError, match="model.memory.ring_group x model.memory.n_slots .* must be a perfect square, got 32"):
+    with pytest.raises(
+        ValueError, match="model.memory.ring_group x model.memory.n_slots .* must be a perfect square, got 32"
+    ):
         GPT(tiny_config(n_layer=2, ring_group=2))
 
 
@@ -192,7 +208,7 @@ def test_flops_match_a_flop_counter_and_mcp():
     assert mcp_percent(cfg) == pytest.approx(100 * memory / (memory + ffn))
     wider = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml", ["model.memory.d_key=128"]).model
     assert mcp_percent(wider) > mcp_percent(cfg)
-    with pytest.raises(ValueError, match="model.memory.kind='ultramemv2'"):
+    with pytest.raises(ValueError, match="mcp_percent needs a memory layer: model.memory.kind is 'none'"):
         mcp_percent(config_from_dict({}).model)
 
 
@@ -218,8 +234,10 @@ def test_ablation_switches_keep_accounting_exact(ablation):
     """Counted parameters and FLOPs of the ablated layer equal the formulas of ``minimem.accounting``."""
     from minimem.accounting import analytic_parameters, count_parameters
 
-    cfg = load_config(ROOT / "configs" / "shakespeare-ultramemv2.yaml",
-                      [f"model.memory.{k}={str(v).lower()}" for k, v in ablation.items()]).model
+    cfg = load_config(
+        ROOT / "configs" / "shakespeare-ultramemv2.yaml",
+        [f"model.memory.{k}={str(v).lower()}" for k, v in ablation.items()],
+    ).model
     model = GPT(cfg)
     assert count_parameters(model)["total"] == analytic_parameters(cfg)["total"]
     x = torch.randn(2, 32, cfg.n_embd)

@@ -9,6 +9,7 @@ stored in the notebook's metadata so that widgets render in the built book. Cell
 recorded, so re-running an unchanged notebook changes as little as possible. A cell that raises
 stops that notebook and leaves its file untouched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         nbformat.validate(nb)
         nbformat.write(nb, path)
-        print(f"executed {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}"
-              f" in {time.perf_counter() - start:.1f} s")
+        print(
+            f"executed {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}"
+            f" in {time.perf_counter() - start:.1f} s"
+        )
     return 1 if failed else 0
 
 

@@ -1,4 +1,5 @@
 """Shared tools of the graders: hypothesis settings, random tensors, checks with clear messages."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -41,8 +42,9 @@ def check_tensor(actual, name: str, shape=None, dtype=None) -> None:
         raise AssertionError(f"{name} has dtype {actual.dtype}, expected {dtype}")
 
 
-def assert_close(actual, expected: torch.Tensor, name: str, rtol: float = 1e-6, atol: float = 1e-8,
-                 check_dtype: bool = True) -> None:
+def assert_close(
+    actual, expected: torch.Tensor, name: str, rtol: float = 1e-6, atol: float = 1e-8, check_dtype: bool = True
+) -> None:
     """AssertionError naming ``name``, the largest difference and where it is."""
     check_tensor(actual, name, expected.shape, expected.dtype if check_dtype else None)
     a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
@@ -95,9 +97,34 @@ class LargestTensor(TorchFunctionMode):
     """
 
     NOT_COMPUTATIONS = {
-        "empty", "zeros", "ones", "full", "rand", "randn", "randint", "randperm", "arange", "tensor", "as_tensor",
-        "to", "detach", "clone", "contiguous", "requires_grad_", "normal_", "uniform_", "fill_", "zero_", "copy_",
-        "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "__get__", "__set__",
+        "empty",
+        "zeros",
+        "ones",
+        "full",
+        "rand",
+        "randn",
+        "randint",
+        "randperm",
+        "arange",
+        "tensor",
+        "as_tensor",
+        "to",
+        "detach",
+        "clone",
+        "contiguous",
+        "requires_grad_",
+        "normal_",
+        "uniform_",
+        "fill_",
+        "zero_",
+        "copy_",
+        "new_empty",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "new_tensor",
+        "__get__",
+        "__set__",
     }
 
     def __init__(self):

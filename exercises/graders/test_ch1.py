@@ -1,4 +1,5 @@
 """Graders of chapter 1 (exercises/ch1_ffn_memory.py): FFN as key-value memory, MoE, memory access."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ class TestSwigluFFN:
         assert_close(out, reference.swiglu_ffn(*inputs), "swiglu_ffn(x, w1, w3, w2)")
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("the memory view: out = sum_i silu(<k_i, x>) <g_i, x> v_i with k_i = w1[i], g_i = w3[i], v_i = w2[:, i]")
+    @pytest.mark.hint(
+        "the memory view: out = sum_i silu(<k_i, x>) <g_i, x> v_i with k_i = w1[i], g_i = w3[i], v_i = w2[:, i]"
+    )
     @GRADER_SETTINGS
     @given(T=st.integers(1, 3), h=st.integers(1, 5), d_ff=st.integers(1, 6), seed=seeds)
     def test_is_a_key_value_memory(self, solution, T, h, d_ff, seed):
@@ -70,8 +73,9 @@ class TestSwigluFFN:
 @st.composite
 def moe_shapes(draw):
     E = draw(st.integers(1, 6))
-    return dict(T=draw(st.integers(1, 8)), h=draw(st.integers(1, 6)), E=E, d=draw(st.integers(1, 4)),
-                k=draw(st.integers(1, E)))
+    return dict(
+        T=draw(st.integers(1, 8)), h=draw(st.integers(1, 6)), E=E, d=draw(st.integers(1, 4)), k=draw(st.integers(1, E))
+    )
 
 
 def _moe_inputs(seed, T, h, E, d, requires_grad=False):
@@ -107,7 +111,9 @@ class TestMoEForward:
         assert_close(result[1], aux.to(result[1].dtype), "aux_loss", rtol=1e-5, atol=1e-6, check_dtype=False)
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("out[t] = sum over the top_k experts e of p[t, e] * expert_e(x[t]); expert_e splits w13[e] into W1 | W3")
+    @pytest.mark.hint(
+        "out[t] = sum over the top_k experts e of p[t, e] * expert_e(x[t]); expert_e splits w13[e] into W1 | W3"
+    )
     @GRADER_SETTINGS
     @given(shape=moe_shapes(), seed=seeds)
     def test_matches_token_loop(self, solution, shape, seed):
@@ -128,8 +134,12 @@ class TestMoEForward:
     def test_balanced_router_has_unit_aux_loss(self, solution, shape, seed):
         x, router, w13, w2 = _moe_inputs(seed, shape["T"], shape["h"], shape["E"], shape["d"])
         aux = solution.moe_forward(x, torch.zeros_like(router), w13, w2, shape["k"])[1]
-        assert_close(torch.as_tensor(aux, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
-                     "aux_loss of a uniform router", rtol=1e-5)
+        assert_close(
+            torch.as_tensor(aux, dtype=torch.float64),
+            torch.tensor(1.0, dtype=torch.float64),
+            "aux_loss of a uniform router",
+            rtol=1e-5,
+        )
 
     @pytest.mark.points(2)
     @pytest.mark.hint("gradients reach the router through the softmax weights p[t, e] of the chosen experts")
@@ -138,8 +148,15 @@ class TestMoEForward:
     def test_gradients(self, solution, reference, shape, seed):
         inputs = _moe_inputs(seed, shape["T"], shape["h"], shape["E"], shape["d"], requires_grad=True)
         out = solution.moe_forward(*inputs, shape["k"])[0]
-        check_grads(out, reference.moe_forward(*inputs, shape["k"])[0], inputs, ("x", "router_weight", "w13", "w2"),
-                    seed, rtol=1e-4, atol=1e-6)
+        check_grads(
+            out,
+            reference.moe_forward(*inputs, shape["k"])[0],
+            inputs,
+            ("x", "router_weight", "w13", "w2"),
+            seed,
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
     @pytest.mark.points(1)
     @pytest.mark.hint("check 1 <= top_k <= E before routing and raise ValueError mentioning 'top_k'")
@@ -210,9 +227,14 @@ class TestExpectedDistinct:
 @st.composite
 def moe_sizes(draw):
     E = draw(st.integers(1, 64))
-    return dict(n_experts=E, top_k=draw(st.integers(1, E)), h=2 * draw(st.integers(1, 16)),
-                d_expert=draw(st.integers(1, 32)), batch_tokens=draw(st.integers(1, 4096)),
-                dtype_bytes=draw(st.sampled_from([1, 2, 4])))
+    return dict(
+        n_experts=E,
+        top_k=draw(st.integers(1, E)),
+        h=2 * draw(st.integers(1, 16)),
+        d_expert=draw(st.integers(1, 32)),
+        batch_tokens=draw(st.integers(1, 4096)),
+        dtype_bytes=draw(st.sampled_from([1, 2, 4])),
+    )
 
 
 @pytest.mark.exercise("moe_bytes_per_token")
@@ -239,7 +261,7 @@ class TestMoEBytesPerToken:
     @pytest.mark.hint("every expert of the parameters of a real minimem MoE (3 h d each) once the batch is large")
     def test_large_batch_reads_every_expert_of_a_real_moe(self, solution):
         from minimem.config import MoEConfig
-        from minimem.moe import MoE
+        from minimem.ffn import MoE
 
         moe = MoE(16, MoEConfig(n_experts=8, top_k=2, d_expert=6))
         expert_params = moe.w13.numel() + moe.w2.numel()

@@ -1,4 +1,5 @@
 """Graders of chapter 2 (exercises/ch2_product_keys.py): exact top-m over product keys."""
+
 from __future__ import annotations
 
 import pytest
@@ -77,7 +78,9 @@ class _Common:
     @given(shape=retrieval_shapes(), seed=seeds)
     def test_equals_all_slot_scoring(self, solution, shape, seed):
         q1, q2, k1, k2 = _inputs(seed, shape["T"], shape["d"], shape["n"])
-        scores, indices = _check_result(self.call(solution, q1, q2, k1, k2, shape["m"]), shape["T"], shape["m"], q1.dtype)
+        scores, indices = _check_result(
+            self.call(solution, q1, q2, k1, k2, shape["m"]), shape["T"], shape["m"], q1.dtype
+        )
         _check_against_all_slots(scores, indices, q1, q2, k1, k2, shape["m"], exact_indices=True)
 
     @pytest.mark.points(2)
@@ -86,11 +89,15 @@ class _Common:
     @given(shape=retrieval_shapes(max_n=6), seed=seeds)
     def test_ties(self, solution, shape, seed):
         q1, q2, k1, k2 = _inputs(seed, shape["T"], shape["d"], shape["n"], integer=True)
-        scores, indices = _check_result(self.call(solution, q1, q2, k1, k2, shape["m"]), shape["T"], shape["m"], q1.dtype)
+        scores, indices = _check_result(
+            self.call(solution, q1, q2, k1, k2, shape["m"]), shape["T"], shape["m"], q1.dtype
+        )
         _check_against_all_slots(scores, indices, q1, q2, k1, k2, shape["m"], exact_indices=False)
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("compute scores with differentiable ops (gather the selected s1[i] + s2[j]); select under no_grad")
+    @pytest.mark.hint(
+        "compute scores with differentiable ops (gather the selected s1[i] + s2[j]); select under no_grad"
+    )
     @GRADER_SETTINGS
     @given(shape=retrieval_shapes(max_n=8), seed=seeds)
     def test_gradients(self, solution, reference, shape, seed):
@@ -134,7 +141,7 @@ class TestProductKeyTopk(_Common):
         _check_against_all_slots(scores, indices, q1, q2, k1, k2, m, exact_indices=True)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same result as minimem.retrieval.product_key_topk on larger tables")
+    @pytest.mark.hint("the same result as minimem.product_keys.product_key_topk on larger tables")
     @GRADER_SETTINGS
     @given(n=st.integers(16, 64), m=st.integers(1, 16), seed=seeds)
     def test_matches_minimem(self, solution, reference, n, m, seed):

@@ -1,4 +1,5 @@
 """Graders of chapter 3 (exercises/ch3_pkm.py): usage metrics, query normalisation, the PKM forward."""
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ class TestKLFromUniform:
         _close(solution.kl_from_uniform(one_hot), math.log(16), "KL of one used slot")
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same value as minimem.memory.metrics.kl_from_uniform on weight masses")
+    @pytest.mark.hint("the same value as minimem.metrics.kl_from_uniform on weight masses")
     @GRADER_SETTINGS
     @given(n=st.integers(1, 200), seed=seeds)
     def test_matches_minimem(self, solution, reference, n, seed):
@@ -107,22 +108,32 @@ class TestUsageMetrics:
         for i, w in zip(indices.flatten().tolist(), weights.flatten().tolist()):
             hits[i] += 1
             mass[i] += w
-        want = {"usage": sum(v > 0 for v in mass) / n_slots, "kl_unweighted": kl_loop(hits), "kl_weighted": kl_loop(mass)}
+        want = {
+            "usage": sum(v > 0 for v in mass) / n_slots,
+            "kl_unweighted": kl_loop(hits),
+            "kl_weighted": kl_loop(mass),
+        }
         _check_metrics(got, want, "usage_metrics(indices, n_slots, weights)")
         unweighted = solution.usage_metrics(indices, n_slots)
-        _check_metrics(unweighted, {"usage": sum(v > 0 for v in hits) / n_slots, "kl_unweighted": kl_loop(hits)},
-                       "usage_metrics(indices, n_slots)")
+        _check_metrics(
+            unweighted,
+            {"usage": sum(v > 0 for v in hits) / n_slots, "kl_unweighted": kl_loop(hits)},
+            "usage_metrics(indices, n_slots)",
+        )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same dict as minimem.memory.metrics.usage_metrics")
+    @pytest.mark.hint("the same dict as minimem.metrics.usage_metrics")
     @GRADER_SETTINGS
     @given(case=retrievals())
     def test_matches_minimem(self, solution, reference, case):
         n_slots, shape, seed = case
         indices, weights = _retrieval_tensors(n_slots, shape, seed)
         weights = weights + 0.01  # every selection carries weight
-        _check_metrics(solution.usage_metrics(indices, n_slots, weights), reference.usage_metrics(indices, n_slots, weights),
-                       "usage_metrics")
+        _check_metrics(
+            solution.usage_metrics(indices, n_slots, weights),
+            reference.usage_metrics(indices, n_slots, weights),
+            "usage_metrics",
+        )
 
     @pytest.mark.points(1)
     @pytest.mark.hint("check 0 <= indices < n_slots and weights >= 0; raise ValueError naming the argument")
@@ -139,8 +150,12 @@ class TestUsageMetrics:
 
 @st.composite
 def query_shapes(draw):
-    return dict(T=draw(st.integers(2, 6)), h=2 * draw(st.integers(1, 3)), H=draw(st.integers(1, 3)),
-                d_key=2 * draw(st.integers(1, 4)))
+    return dict(
+        T=draw(st.integers(2, 6)),
+        h=2 * draw(st.integers(1, 3)),
+        H=draw(st.integers(1, 3)),
+        d_key=2 * draw(st.integers(1, 4)),
+    )
 
 
 def _query_inputs(seed, T, h, H, d_key, requires_grad=False):
@@ -219,8 +234,14 @@ class TestPKMQueries:
 @st.composite
 def pkm_shapes(draw):
     n = draw(st.integers(1, 5))
-    return dict(T=draw(st.integers(1, 4)), h=2 * draw(st.integers(1, 4)), H=draw(st.integers(1, 3)), n=n,
-                d_key=2 * draw(st.integers(1, 3)), m=draw(st.integers(1, n)))
+    return dict(
+        T=draw(st.integers(1, 4)),
+        h=2 * draw(st.integers(1, 4)),
+        H=draw(st.integers(1, 3)),
+        n=n,
+        d_key=2 * draw(st.integers(1, 3)),
+        m=draw(st.integers(1, n)),
+    )
 
 
 def _pkm_inputs(seed, T, h, H, n, d_key, m, requires_grad=False):
@@ -237,8 +258,10 @@ def pkm_loop(x, w_query, keys1, keys2, values, m):
     for t in range(x.shape[0]):
         for k in range(H):
             q = torch.nn.functional.layer_norm(w_query[k] @ x[t], (D,), eps=1e-5)
-            slot_scores = torch.tensor([float(q[: D // 2] @ keys1[k, i] + q[D // 2 :] @ keys2[k, j])
-                                        for i in range(n) for j in range(n)], dtype=x.dtype)
+            slot_scores = torch.tensor(
+                [float(q[: D // 2] @ keys1[k, i] + q[D // 2 :] @ keys2[k, j]) for i in range(n) for j in range(n)],
+                dtype=x.dtype,
+            )
             top = torch.sort(slot_scores, descending=True)
             weights = torch.softmax(top.values[:m], dim=0)
             for w, slot in zip(weights, top.indices[:m].tolist()):
@@ -259,7 +282,7 @@ class TestPKMForward:
         assert_close(out, pkm_loop(*inputs, shape["m"]), "out", rtol=1e-5, atol=1e-6)
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("the same output as minimem.memory.pkm.PKM with these weights")
+    @pytest.mark.hint("the same output as minimem.pkm.PKM with these weights")
     @GRADER_SETTINGS
     @given(shape=pkm_shapes(), seed=seeds)
     def test_matches_minimem(self, solution, reference, shape, seed):
@@ -274,5 +297,12 @@ class TestPKMForward:
     def test_gradients(self, solution, reference, shape, seed):
         inputs = _pkm_inputs(seed, **shape, requires_grad=True)
         out = solution.pkm_forward(*inputs, shape["m"])
-        check_grads(out, reference.pkm_forward(*inputs, shape["m"]), inputs,
-                    ("x", "w_query", "keys1", "keys2", "values"), seed, rtol=1e-5, atol=1e-6)
+        check_grads(
+            out,
+            reference.pkm_forward(*inputs, shape["m"]),
+            inputs,
+            ("x", "w_query", "keys1", "keys2", "values"),
+            seed,
+            rtol=1e-5,
+            atol=1e-6,
+        )

@@ -1,4 +1,5 @@
 """Graders of chapter 4 (exercises/ch4_peer.py): PEER's singleton experts and the PEER layer."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,7 +62,7 @@ class TestPEERExperts:
         assert_close(out, experts_loop(*inputs, activation), f"out ({activation})", rtol=1e-6, atol=1e-8)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same output as minimem.memory.peer.PEER's expert half")
+    @pytest.mark.hint("the same output as minimem.peer.PEER's expert half")
     @GRADER_SETTINGS
     @given(shape=expert_shapes(), activation=activations, seed=seeds)
     def test_matches_minimem(self, solution, reference, shape, activation, seed):
@@ -106,8 +107,14 @@ class TestPEERExperts:
 @st.composite
 def peer_shapes(draw):
     n = draw(st.integers(1, 5))
-    return dict(T=draw(st.integers(1, 4)), h=2 * draw(st.integers(1, 4)), H=draw(st.integers(1, 3)), n=n,
-                d_key=2 * draw(st.integers(1, 3)), m=draw(st.integers(1, n)))
+    return dict(
+        T=draw(st.integers(1, 4)),
+        h=2 * draw(st.integers(1, 4)),
+        H=draw(st.integers(1, 3)),
+        n=n,
+        d_key=2 * draw(st.integers(1, 3)),
+        m=draw(st.integers(1, n)),
+    )
 
 
 def _peer_inputs(seed, T, h, H, n, d_key, m, requires_grad=False):
@@ -124,8 +131,9 @@ def peer_loop(x, w_query, keys1, keys2, down, up, m, activation):
     for t in range(x.shape[0]):
         for k in range(H):
             q = F.layer_norm(w_query[k] @ x[t], (D,), eps=1e-5)
-            slot_scores = torch.stack([q[: D // 2] @ keys1[k, i] + q[D // 2 :] @ keys2[k, j]
-                                       for i in range(n) for j in range(n)])
+            slot_scores = torch.stack(
+                [q[: D // 2] @ keys1[k, i] + q[D // 2 :] @ keys2[k, j] for i in range(n) for j in range(n)]
+            )
             top = torch.sort(slot_scores, descending=True)
             for w, e in zip(torch.softmax(top.values[:m], dim=0), top.indices[:m].tolist()):
                 out[t] += w * ACTIVATIONS[activation](down[e] @ x[t]) * up[e]
@@ -160,5 +168,12 @@ class TestPEERForward:
     def test_gradients(self, solution, reference, shape, activation, seed):
         inputs = _peer_inputs(seed, **shape, requires_grad=True)
         out = solution.peer_forward(*inputs, shape["m"], activation)
-        check_grads(out, reference.peer_forward(*inputs, shape["m"], activation), inputs,
-                    ("x", "w_query", "keys1", "keys2", "down", "up"), seed, rtol=1e-5, atol=1e-6)
+        check_grads(
+            out,
+            reference.peer_forward(*inputs, shape["m"], activation),
+            inputs,
+            ("x", "w_query", "keys1", "keys2", "down", "up"),
+            seed,
+            rtol=1e-5,
+            atol=1e-6,
+        )

@@ -1,4 +1,5 @@
 """Graders of chapter 5 (exercises/ch5_ultramem.py): rank-1 core, TDQKR, multi-core scoring, IVE."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,14 +43,20 @@ class TestRank1Core:
         check_tensor(t, "t", (r,), core.dtype)
         sigma = float(torch.linalg.svdvals(core)[0])
         assert_close(torch.stack([u.norm(), t.norm()]), torch.ones(2, dtype=core.dtype), "lengths of u and t")
-        assert_close(u @ core @ t, torch.tensor(sigma, dtype=core.dtype), "u^T C t (must be the largest singular value)",
-                     rtol=1e-8)
+        assert_close(
+            u @ core @ t,
+            torch.tensor(sigma, dtype=core.dtype),
+            "u^T C t (must be the largest singular value)",
+            rtol=1e-8,
+        )
         first_largest = int(u.abs().argmax())
         if not u[first_largest] > 0:
-            raise AssertionError(f"sign rule: u's largest |entry| (position {first_largest}) must be positive, u = {u.tolist()}")
+            raise AssertionError(
+                f"sign rule: u's largest |entry| (position {first_largest}) must be positive, u = {u.tolist()}"
+            )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same (u, t) as minimem.retrieval.rank1_core")
+    @pytest.mark.hint("the same (u, t) as minimem.tucker.rank1_core")
     @GRADER_SETTINGS
     @given(r=st.integers(1, 5), seed=seeds)
     def test_matches_minimem(self, solution, reference, r, seed):
@@ -84,8 +91,9 @@ class TestRank1Core:
 @st.composite
 def tucker_shapes(draw):
     n = draw(st.integers(1, 8))
-    return dict(T=draw(st.integers(1, 3)), r=draw(st.integers(1, 3)), n=n, c=draw(st.integers(1, 3)),
-                m=draw(st.integers(1, n)))
+    return dict(
+        T=draw(st.integers(1, 3)), r=draw(st.integers(1, 3)), n=n, c=draw(st.integers(1, 3)), m=draw(st.integers(1, n))
+    )
 
 
 def _tucker_inputs(seed, T, r, n, c, requires_grad=False):
@@ -116,33 +124,46 @@ def _per_core(s_row, s_col, cores, indices):
 @pytest.mark.exercise("tucker_topk")
 class TestTuckerTopk:
     @pytest.mark.points(3)
-    @pytest.mark.hint("candidates from u^T s_row and t^T s_col (rank1_core of cores.sum(0)), then rescore the m x m grid")
+    @pytest.mark.hint(
+        "candidates from u^T s_row and t^T s_col (rank1_core of cores.sum(0)), then rescore the m x m grid"
+    )
     @GRADER_SETTINGS
     @given(shape=tucker_shapes(), seed=seeds)
     def test_matches_minimem(self, solution, reference, shape, seed):
         s_row, s_col, cores = _tucker_inputs(seed, shape["T"], shape["r"], shape["n"], shape["c"])
-        scores, indices = _check_tucker(solution.tucker_topk(s_row, s_col, cores, shape["m"]), shape["T"], shape["m"],
-                                        shape["c"])
+        scores, indices = _check_tucker(
+            solution.tucker_topk(s_row, s_col, cores, shape["m"]), shape["T"], shape["m"], shape["c"]
+        )
         want_scores, want_indices = reference.tucker_topk(s_row, s_col, cores, shape["m"])
         assert_equal(indices, want_indices, "indices")
         assert_close(scores, want_scores, "per-core scores", rtol=1e-8, atol=1e-10)
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("scores[t, l, k] = s_row[t, :, i]^T cores[k] s_col[t, :, j] for the l-th slot i * n + j, best first")
+    @pytest.mark.hint(
+        "scores[t, l, k] = s_row[t, :, i]^T cores[k] s_col[t, :, j] for the l-th slot i * n + j, best first"
+    )
     @GRADER_SETTINGS
     @given(shape=tucker_shapes(), seed=seeds)
     def test_per_core_scores_of_the_chosen_slots(self, solution, shape, seed):
         s_row, s_col, cores = _tucker_inputs(seed, shape["T"], shape["r"], shape["n"], shape["c"])
-        scores, indices = _check_tucker(solution.tucker_topk(s_row, s_col, cores, shape["m"]), shape["T"], shape["m"],
-                                        shape["c"])
-        assert_close(scores, _per_core(s_row, s_col, cores, indices), "per-core scores at the returned slots",
-                     rtol=1e-8, atol=1e-10)
+        scores, indices = _check_tucker(
+            solution.tucker_topk(s_row, s_col, cores, shape["m"]), shape["T"], shape["m"], shape["c"]
+        )
+        assert_close(
+            scores,
+            _per_core(s_row, s_col, cores, indices),
+            "per-core scores at the returned slots",
+            rtol=1e-8,
+            atol=1e-10,
+        )
         total = scores.sum(-1)
         if bool((total[:, 1:] > total[:, :-1] + 1e-12).any()):
             raise AssertionError("slots must be sorted by descending summed score")
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("for a rank-1 core with non-negative u^T s_row and t^T s_col the candidates contain the exact top-m")
+    @pytest.mark.hint(
+        "for a rank-1 core with non-negative u^T s_row and t^T s_col the candidates contain the exact top-m"
+    )
     @GRADER_SETTINGS
     @given(shape=tucker_shapes(), seed=seeds)
     def test_exact_for_rank_one_core(self, solution, shape, seed):
@@ -181,8 +202,13 @@ class TestTuckerTopk:
 @st.composite
 def read_shapes(draw):
     c = draw(st.integers(1, 3))
-    return dict(T=draw(st.integers(1, 4)), m=draw(st.integers(1, 5)), N=draw(st.integers(1, 8)),
-                D=c * draw(st.integers(1, 4)), c=c)
+    return dict(
+        T=draw(st.integers(1, 4)),
+        m=draw(st.integers(1, 5)),
+        N=draw(st.integers(1, 8)),
+        D=c * draw(st.integers(1, 4)),
+        c=c,
+    )
 
 
 def _read_inputs(seed, T, m, N, D, c, requires_grad=False):
@@ -199,7 +225,9 @@ def read_loop(values, indices, scores):
     for t in range(T):
         for i in range(m):
             for k in range(c):
-                out[t, k * width : (k + 1) * width] += scores[t, i, k] * values[indices[t, i], k * width : (k + 1) * width]
+                out[t, k * width : (k + 1) * width] += (
+                    scores[t, i, k] * values[indices[t, i], k * width : (k + 1) * width]
+                )
     return out
 
 
@@ -221,7 +249,9 @@ class TestMultiCoreRead:
     def test_gradients_match_minimem(self, solution, reference, shape, seed):
         values, indices, scores = _read_inputs(seed, **shape, requires_grad=True)
         out = solution.multi_core_read(values, indices, scores)
-        check_grads(out, reference.multi_core_read(values, indices, scores), (values, scores), ("values", "scores"), seed)
+        check_grads(
+            out, reference.multi_core_read(values, indices, scores), (values, scores), ("values", "scores"), seed
+        )
 
     @pytest.mark.points(1)
     @pytest.mark.hint("raise ValueError naming 'scores' when c does not divide D_v, 'indices' when out of [0, N)")
@@ -242,8 +272,15 @@ class TestMultiCoreRead:
 def ive_shapes(draw):
     n = draw(st.integers(1, 3))
     c = draw(st.integers(1, 2))
-    return dict(T=draw(st.integers(1, 4)), m=draw(st.integers(1, n)), N=n * n, D=c * draw(st.integers(1, 3)), c=c,
-                E=draw(st.sampled_from([1, 4, 9])), h=2 * draw(st.integers(1, 3)))
+    return dict(
+        T=draw(st.integers(1, 4)),
+        m=draw(st.integers(1, n)),
+        N=n * n,
+        D=c * draw(st.integers(1, 3)),
+        c=c,
+        E=draw(st.sampled_from([1, 4, 9])),
+        h=2 * draw(st.integers(1, 3)),
+    )
 
 
 def _ive_inputs(seed, T, m, N, D, c, E, h, requires_grad=False):
@@ -270,7 +307,9 @@ def ive_loop(values, rows, blocks, scores, projections):
 @pytest.mark.exercise("implicit_value_expansion")
 class TestImplicitValueExpansion:
     @pytest.mark.points(3)
-    @pytest.mark.hint("pool the weighted physical rows into their block's bucket (T, E, D_v), then one matmul per block")
+    @pytest.mark.hint(
+        "pool the weighted physical rows into their block's bucket (T, E, D_v), then one matmul per block"
+    )
     @GRADER_SETTINGS
     @given(shape=ive_shapes(), seed=seeds)
     def test_matches_virtual_value_loop(self, solution, shape, seed):
@@ -280,7 +319,7 @@ class TestImplicitValueExpansion:
         assert_close(out, ive_loop(*inputs), "out")
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same output and gradients as minimem.memory.ultramem.UltraMem's pooling")
+    @pytest.mark.hint("the same output and gradients as minimem.ultramem.UltraMem's pooling")
     @GRADER_SETTINGS
     @given(shape=ive_shapes(), seed=seeds)
     def test_gradients_match_minimem(self, solution, reference, shape, seed):

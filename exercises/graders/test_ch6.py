@@ -1,4 +1,5 @@
 """Graders of chapter 6 (exercises/ch6_ultramemv2.py): principled init, pre-value read, MCP."""
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,14 @@ CHAPTER = 6
 @st.composite
 def init_sizes(draw):
     return dict(
-        target_variance=draw(st.floats(1e-5, 10.0)), sigma_s=draw(st.floats(0.0, 2.0)),
-        d_pre=draw(st.integers(1, 512)), d_value=draw(st.integers(1, 1024)), topk=draw(st.integers(1, 256)),
-        heads=draw(st.integers(1, 4)), dim=draw(st.integers(1, 4096)), score_mean=draw(st.floats(0.1, 3.0)),
+        target_variance=draw(st.floats(1e-5, 10.0)),
+        sigma_s=draw(st.floats(0.0, 2.0)),
+        d_pre=draw(st.integers(1, 512)),
+        d_value=draw(st.integers(1, 1024)),
+        topk=draw(st.integers(1, 256)),
+        heads=draw(st.integers(1, 4)),
+        dim=draw(st.integers(1, 4096)),
+        score_mean=draw(st.floats(0.1, 3.0)),
     )
 
 
@@ -57,11 +63,13 @@ class TestPrincipledValueStd:
         args = {k: v for k, v in sizes.items() if k != "target_variance"}
         got = memory_variance(sigma_v, **args)
         if not math.isclose(got, sizes["target_variance"], rel_tol=1e-9):
-            raise AssertionError(f"with sigma_V = {sigma_v:.6g} the memory variance is {got:.6g}, "
-                                 f"not the target {sizes['target_variance']:.6g}")
+            raise AssertionError(
+                f"with sigma_V = {sigma_v:.6g} the memory variance is {got:.6g}, "
+                f"not the target {sizes['target_variance']:.6g}"
+            )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("the same number as minimem.memory.init.principled_value_std")
+    @pytest.mark.hint("the same number as minimem.init.principled_value_std")
     @GRADER_SETTINGS
     @given(sizes=init_sizes())
     def test_matches_minimem(self, solution, reference, sizes):
@@ -99,8 +107,15 @@ class TestPrincipledValueStd:
 @st.composite
 def read_shapes(draw):
     c = draw(st.integers(1, 3))
-    return dict(T=draw(st.integers(1, 4)), m=draw(st.integers(1, 5)), N=draw(st.integers(1, 8)),
-                D=c * draw(st.integers(1, 3)), P=draw(st.integers(1, 4)), c=c, h=draw(st.integers(1, 5)))
+    return dict(
+        T=draw(st.integers(1, 4)),
+        m=draw(st.integers(1, 5)),
+        N=draw(st.integers(1, 8)),
+        D=c * draw(st.integers(1, 3)),
+        P=draw(st.integers(1, 4)),
+        c=c,
+        h=draw(st.integers(1, 5)),
+    )
 
 
 def _read_inputs(seed, T, m, N, D, P, c, h, requires_grad=False):
@@ -128,7 +143,9 @@ def prevalue_loop(values, pre_values, indices, scores, px, w_out):
 @pytest.mark.exercise("prevalue_read")
 class TestPrevalueRead:
     @pytest.mark.points(3)
-    @pytest.mark.hint("g = (pre_values[indices] * px[:, None]).sum(-1); weight slice k by scores[..., k] * g; then @ w_out.T")
+    @pytest.mark.hint(
+        "g = (pre_values[indices] * px[:, None]).sum(-1); weight slice k by scores[..., k] * g; then @ w_out.T"
+    )
     @GRADER_SETTINGS
     @given(shape=read_shapes(), seed=seeds)
     def test_matches_slot_loop(self, solution, shape, seed):
@@ -146,8 +163,13 @@ class TestPrevalueRead:
         out = solution.prevalue_read(values, pre_values, indices, scores, px, w_out)
         expected = reference.prevalue_read(values, pre_values, indices, scores, px, w_out)
         assert_close(out, expected, "out")
-        check_grads(out, expected, (values, pre_values, scores, px, w_out),
-                    ("values", "pre_values", "scores", "px", "w_out"), seed)
+        check_grads(
+            out,
+            expected,
+            (values, pre_values, scores, px, w_out),
+            ("values", "pre_values", "scores", "px", "w_out"),
+            seed,
+        )
 
 
 # --------------------------------------------------------------------------- 6.3 mcp_percent
@@ -157,9 +179,16 @@ class TestPrevalueRead:
 def memory_sizes(draw):
     cores, n_keys = draw(st.integers(1, 3)), draw(st.integers(2, 600))
     return dict(
-        h=2 * draw(st.integers(1, 1024)), ffn_hidden=draw(st.integers(1, 8192)), n_keys=n_keys,
-        d_key=2 * draw(st.integers(1, 512)), d_value=cores * draw(st.integers(1, 256)), d_pre=draw(st.integers(1, 512)),
-        heads=draw(st.integers(1, 4)), rank=draw(st.integers(1, 4)), cores=cores, topk=draw(st.integers(1, n_keys)),
+        h=2 * draw(st.integers(1, 1024)),
+        ffn_hidden=draw(st.integers(1, 8192)),
+        n_keys=n_keys,
+        d_key=2 * draw(st.integers(1, 512)),
+        d_value=cores * draw(st.integers(1, 256)),
+        d_pre=draw(st.integers(1, 512)),
+        heads=draw(st.integers(1, 4)),
+        rank=draw(st.integers(1, 4)),
+        cores=cores,
+        topk=draw(st.integers(1, n_keys)),
     )
 
 
@@ -179,8 +208,17 @@ class TestMCPPercent:
     @pytest.mark.hint("at the [UM2] 227M shapes with D_k = h/2 and a 4h FFN the memory share is a few tens of percent")
     def test_worked_example(self, solution):
         h, f, n, dk, dv, dp, H, r, c, m = 768, 3072, 360, 384, 192, 192, 1, 2, 2, 32
-        memory = (2 * h * H * r * dk + 2 * H * r * n * dk + 4 * H * r * n + 2 * H * (m * r * r + m * m * r)
-                  + 2 * H * m * c * (r * r + r) + 2 * h * dp + 2 * H * m * dp + 2 * H * m * dv + 2 * dv * h)
+        memory = (
+            2 * h * H * r * dk
+            + 2 * H * r * n * dk
+            + 4 * H * r * n
+            + 2 * H * (m * r * r + m * m * r)
+            + 2 * H * m * c * (r * r + r)
+            + 2 * h * dp
+            + 2 * H * m * dp
+            + 2 * H * m * dv
+            + 2 * dv * h
+        )
         want = 100.0 * memory / (memory + 6 * h * f)
         got = solution.mcp_percent(h, f, n, dk, dv, dp, H, r, c, m)
         if not math.isclose(got, want, rel_tol=1e-12):

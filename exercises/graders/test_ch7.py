@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before
 triton is imported), which is slow: the shapes here are small and the examples few.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ KERNEL_SETTINGS = settings(GRADER_SETTINGS, max_examples=4, deadline=None)
 
 @st.composite
 def lookup_shapes(draw, max_d=40):
-    return dict(T=draw(st.integers(1, 4)), m=draw(st.integers(1, 6)), N=draw(st.integers(1, 10)),
-                D=draw(st.integers(1, max_d)))
+    return dict(
+        T=draw(st.integers(1, 4)), m=draw(st.integers(1, 6)), N=draw(st.integers(1, 10)), D=draw(st.integers(1, max_d))
+    )
 
 
 def _inputs(seed, T, m, N, D):
@@ -160,8 +162,9 @@ class TestWeightedGatherBackward:
         values, indices, scores = _inputs(seed, 6, 5, 3, 4)  # 30 slots on 3 rows: every row hit many times
         grad_out = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
         grad_values, _ = self._call(solution, grad_out, values, indices, scores)
-        assert_close(grad_values.cpu(), backward_loop(grad_out, values, indices, scores)[0], "grad_values",
-                     rtol=1e-4, atol=1e-5)
+        assert_close(
+            grad_values.cpu(), backward_loop(grad_out, values, indices, scores)[0], "grad_values", rtol=1e-4, atol=1e-5
+        )
 
     @pytest.mark.points(2)
     @pytest.mark.hint("it must equal what autograd computes through minimem's Triton lookup")

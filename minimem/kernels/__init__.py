@@ -21,6 +21,7 @@ computation and the output use the promoted dtype of all floating inputs; the Tr
 accumulates in float32 and accepts float32, bfloat16 and float16. The index range check reads
 the indices back (one device synchronisation on a GPU); benchmarks call the backends directly.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -67,7 +68,9 @@ def check_lookup_inputs(values, indices, scores, pre_values=None, pre_input=None
         if not isinstance(pre_values, torch.Tensor) or not isinstance(pre_input, torch.Tensor):
             raise ValueError("pre_values and pre_input must be torch.Tensors")
         if pre_values.dim() != 2 or pre_values.shape[0] != N:
-            raise ValueError(f"pre_values must have shape (N, D_p) with N={N} rows like values, got {_shape(pre_values)}")
+            raise ValueError(
+                f"pre_values must have shape (N, D_p) with N={N} rows like values, got {_shape(pre_values)}"
+            )
         d_pre = pre_values.shape[1]
         if pre_input.dim() != 2 or pre_input.shape != (T, d_pre):
             raise ValueError(f"pre_input must have shape (T, D_p) = ({T}, {d_pre}), got {_shape(pre_input)}")

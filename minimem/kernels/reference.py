@@ -11,11 +11,12 @@ slices of the value row) and, with c = 1 and no pre-values, [PKM]'s weighted sum
 top-m value rows (an ``nn.EmbeddingBag`` with per-sample weights).
 
 Eager implementation: gather the m rows of every token (``index_select``, whose backward is
-``index_add_``, so repeated indices accumulate), compute the optional pre-value gate and the per-core weighted sum as elementwise products
-summed over the feature and the m axes.
+``index_add_``, so repeated indices accumulate), compute the optional pre-value gate and the per-
+core weighted sum as elementwise products summed over the feature and the m axes.
 It materialises the (T, m, D_v) and (T, m, D_p) gathered rows, which is what the fused
 Triton kernel avoids. No input checking here: ``minimem.kernels.memory_lookup`` does it.
 """
+
 from __future__ import annotations
 
 from typing import Optional

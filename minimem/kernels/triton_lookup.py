@@ -59,6 +59,7 @@ Precision: tables in float32, bfloat16 or float16; every product and sum is accu
 float32; outputs and gradients are cast to their tensor's dtype at the end (bf16 table
 gradients go through an fp32 buffer).
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,9 +73,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _gate_fwd_kernel(
-    pre_values_ptr, pre_input_ptr, indices_ptr, gate_ptr,
-    m, d_pre,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    pre_values_ptr,
+    pre_input_ptr,
+    indices_ptr,
+    gate_ptr,
+    m,
+    d_pre,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """gate[t, i] = <P[idx[t, i]], x[t]> for one token and BLOCK_M slots."""
     t = tl.program_id(0).to(tl.int64)
@@ -88,15 +94,27 @@ def _gate_fwd_kernel(
         x = tl.load(pre_input_ptr + t * d_pre + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         rows = tl.load(
             pre_values_ptr + idx[:, None] * d_pre + offs_p[None, :],
-            mask=mask_m[:, None] & mask_p[None, :], other=0.0,
+            mask=mask_m[:, None] & mask_p[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc += tl.sum(rows * x[None, :], axis=1)
     tl.store(gate_ptr + t * m + offs_m, acc, mask=mask_m)
 
 
 @triton.jit
-def _slot_weights(scores_ptr, gate_ptr, t, offs_m, mask_m, core, m,
-                  CORES: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _slot_weights(
+    scores_ptr,
+    gate_ptr,
+    t,
+    offs_m,
+    mask_m,
+    core,
+    m,
+    CORES: tl.constexpr,
+    HAS_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_D) tile of s[t, i, core(col)] * g[t, i]."""
     w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(CORES):
@@ -110,9 +128,18 @@ def _slot_weights(scores_ptr, gate_ptr, t, offs_m, mask_m, core, m,
 
 @triton.jit
 def _weighted_sum_fwd_kernel(
-    values_ptr, indices_ptr, scores_ptr, gate_ptr, out_ptr,
-    m, d_value, d_slice,
-    CORES: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    values_ptr,
+    indices_ptr,
+    scores_ptr,
+    gate_ptr,
+    out_ptr,
+    m,
+    d_value,
+    d_slice,
+    CORES: tl.constexpr,
+    HAS_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[t, cols] = sum_i s[t, i, core(col)] g[t, i] V[idx[t, i], cols] for BLOCK_D columns."""
     t = tl.program_id(0).to(tl.int64)
@@ -127,7 +154,8 @@ def _weighted_sum_fwd_kernel(
         w = _slot_weights(scores_ptr, gate_ptr, t, offs_m, mask_m, core, m, CORES, HAS_PRE, BLOCK_M, BLOCK_D)
         rows = tl.load(
             values_ptr + idx[:, None] * d_value + offs_d[None, :],
-            mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc += tl.sum(w * rows, axis=0)
     tl.store(out_ptr + t * d_value + offs_d, acc, mask=mask_d)
@@ -135,11 +163,25 @@ def _weighted_sum_fwd_kernel(
 
 @triton.jit
 def _weighted_sum_bwd_kernel(
-    values_ptr, indices_ptr, scores_ptr, gate_ptr, grad_out_ptr,
-    grad_values_ptr, grad_scores_ptr, grad_gate_ptr,
-    m, d_value, d_slice,
-    CORES: tl.constexpr, HAS_PRE: tl.constexpr, GRAD_VALUES: tl.constexpr, GRAD_DOTS: tl.constexpr,
-    GRAD_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    values_ptr,
+    indices_ptr,
+    scores_ptr,
+    gate_ptr,
+    grad_out_ptr,
+    grad_values_ptr,
+    grad_scores_ptr,
+    grad_gate_ptr,
+    m,
+    d_value,
+    d_slice,
+    CORES: tl.constexpr,
+    HAS_PRE: tl.constexpr,
+    GRAD_VALUES: tl.constexpr,
+    GRAD_DOTS: tl.constexpr,
+    GRAD_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """For one token and BLOCK_M slots: dot[i, k] = <grad_out[t, slice k], V[idx, slice k]>,
     grad_scores = g dot, grad_gate = sum_k s_k dot_k, and grad_values[idx] += s g grad_out."""
@@ -163,8 +205,9 @@ def _weighted_sum_bwd_kernel(
                 dots += tl.where(offs_c[None, :] == k, part[:, None], 0.0)
         if GRAD_VALUES:
             w = _slot_weights(scores_ptr, gate_ptr, t, offs_m, mask_m, core, m, CORES, HAS_PRE, BLOCK_M, BLOCK_D)
-            tl.atomic_add(grad_values_ptr + idx[:, None] * d_value + offs_d[None, :], w * dout[None, :],
-                          mask=mask, sem="relaxed")
+            tl.atomic_add(
+                grad_values_ptr + idx[:, None] * d_value + offs_d[None, :], w * dout[None, :], mask=mask, sem="relaxed"
+            )
     if GRAD_DOTS:
         mask_mc = mask_m[:, None] & (offs_c[None, :] < CORES)
         if GRAD_GATE:
@@ -177,10 +220,18 @@ def _weighted_sum_bwd_kernel(
 
 @triton.jit
 def _gate_bwd_kernel(
-    pre_values_ptr, pre_input_ptr, indices_ptr, grad_gate_ptr,
-    grad_pre_values_ptr, grad_pre_input_ptr,
-    m, d_pre,
-    GRAD_PRE_VALUES: tl.constexpr, GRAD_PRE_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    pre_values_ptr,
+    pre_input_ptr,
+    indices_ptr,
+    grad_gate_ptr,
+    grad_pre_values_ptr,
+    grad_pre_input_ptr,
+    m,
+    d_pre,
+    GRAD_PRE_VALUES: tl.constexpr,
+    GRAD_PRE_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """For one token and BLOCK_P pre-value columns: grad_pre_input[t] = sum_i dg[t, i] P[idx],
     grad_pre_values[idx] += dg[t, i] x[t]."""
@@ -199,8 +250,12 @@ def _gate_bwd_kernel(
             rows = tl.load(pre_values_ptr + idx[:, None] * d_pre + offs_p[None, :], mask=mask, other=0.0)
             acc += tl.sum(dg[:, None] * rows.to(tl.float32), axis=0)
         if GRAD_PRE_VALUES:
-            tl.atomic_add(grad_pre_values_ptr + idx[:, None] * d_pre + offs_p[None, :], dg[:, None] * x[None, :],
-                          mask=mask, sem="relaxed")
+            tl.atomic_add(
+                grad_pre_values_ptr + idx[:, None] * d_pre + offs_p[None, :],
+                dg[:, None] * x[None, :],
+                mask=mask,
+                sem="relaxed",
+            )
     if GRAD_PRE_INPUT:
         tl.store(grad_pre_input_ptr + t * d_pre + offs_p, acc, mask=mask_p)
 
@@ -268,12 +323,28 @@ class MemoryLookupFunction(torch.autograd.Function):
         if T > 0 and m > 0:
             if has_pre:
                 _gate_fwd_kernel[(T, triton.cdiv(m, blocks["BLOCK_M"]))](
-                    pre_values, pre_input, indices, gate, m, d_pre,
-                    BLOCK_M=blocks["BLOCK_M"], BLOCK_P=blocks["BLOCK_P"],
+                    pre_values,
+                    pre_input,
+                    indices,
+                    gate,
+                    m,
+                    d_pre,
+                    BLOCK_M=blocks["BLOCK_M"],
+                    BLOCK_P=blocks["BLOCK_P"],
                 )
             _weighted_sum_fwd_kernel[(T, triton.cdiv(d_value, blocks["BLOCK_D"]))](
-                values, indices, scores, gate if has_pre else scores, out, m, d_value, d_value // cores,
-                CORES=cores, HAS_PRE=has_pre, BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+                values,
+                indices,
+                scores,
+                gate if has_pre else scores,
+                out,
+                m,
+                d_value,
+                d_value // cores,
+                CORES=cores,
+                HAS_PRE=has_pre,
+                BLOCK_M=blocks["BLOCK_M"],
+                BLOCK_D=blocks["BLOCK_D"],
             )
         else:
             out.zero_()
@@ -299,13 +370,25 @@ class MemoryLookupFunction(torch.autograd.Function):
         if T > 0 and m > 0 and (need_values or grad_scores is not None):
             dummy = grad_out
             _weighted_sum_bwd_kernel[(T, triton.cdiv(m, blocks["BLOCK_M"]))](
-                values, indices, scores, gate if has_pre else dummy, grad_out,
-                grad_values if need_values else dummy, grad_scores if grad_scores is not None else dummy,
+                values,
+                indices,
+                scores,
+                gate if has_pre else dummy,
+                grad_out,
+                grad_values if need_values else dummy,
+                grad_scores if grad_scores is not None else dummy,
                 grad_gate if need_gate else dummy,
-                m, d_value, d_value // cores,
-                CORES=cores, HAS_PRE=has_pre, GRAD_VALUES=need_values, GRAD_DOTS=grad_scores is not None,
+                m,
+                d_value,
+                d_value // cores,
+                CORES=cores,
+                HAS_PRE=has_pre,
+                GRAD_VALUES=need_values,
+                GRAD_DOTS=grad_scores is not None,
                 GRAD_GATE=need_gate,
-                BLOCK_M=blocks["BLOCK_M"], BLOCK_C=triton.next_power_of_2(cores), BLOCK_D=blocks["BLOCK_D"],
+                BLOCK_M=blocks["BLOCK_M"],
+                BLOCK_C=triton.next_power_of_2(cores),
+                BLOCK_D=blocks["BLOCK_D"],
             )
         if need_gate:
             d_pre = pre_values.shape[1]
@@ -313,11 +396,18 @@ class MemoryLookupFunction(torch.autograd.Function):
             grad_pre_input = torch.empty(pre_input.shape, **f32) if need_pre_input else None
             if T > 0 and m > 0:
                 _gate_bwd_kernel[(T, triton.cdiv(d_pre, blocks["BLOCK_P"]))](
-                    pre_values, pre_input, indices, grad_gate,
-                    grad_pre_values if need_pre_values else grad_gate, grad_pre_input if need_pre_input else grad_gate,
-                    m, d_pre,
-                    GRAD_PRE_VALUES=need_pre_values, GRAD_PRE_INPUT=need_pre_input,
-                    BLOCK_M=blocks["BLOCK_M"], BLOCK_P=blocks["BLOCK_P"],
+                    pre_values,
+                    pre_input,
+                    indices,
+                    grad_gate,
+                    grad_pre_values if need_pre_values else grad_gate,
+                    grad_pre_input if need_pre_input else grad_gate,
+                    m,
+                    d_pre,
+                    GRAD_PRE_VALUES=need_pre_values,
+                    GRAD_PRE_INPUT=need_pre_input,
+                    BLOCK_M=blocks["BLOCK_M"],
+                    BLOCK_P=blocks["BLOCK_P"],
                 )
             elif need_pre_input:
                 grad_pre_input.zero_()  # m == 0: nothing was read

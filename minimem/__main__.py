@@ -1,3 +1,0 @@
-from minimem.cli import main
-
-raise SystemExit(main())

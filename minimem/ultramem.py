@@ -1,0 +1,257 @@
+"""UltraMem [UM]: Tucker-decomposed retrieval, multi-core scoring, implicit value expansion.
+
+The layer reads the residual stream before block i and adds its output after block j > i
+(skip-layer placement, [UM] §3.4), so the memory lookup can overlap the dense blocks between.
+
+    x_n            = RMSNorm(x)                                   (own norm: x is the raw stream)
+    S_row, S_col   = rank-wise row / column scores of x_n          TDQKR, [UM] §3.1
+    scores, slots  = top-m of S_row^T C S_col, per core           MCS,   [UM] §3.2 (no softmax)
+    block, row     = shuffle[slot] // N, shuffle[slot] % N         IVE,   [UM] §3.3
+    pooled_p       = sum_{i: block_i = p} scores_i . V[row_i]      pool on the physical table first
+    out            = sum_p W_p^T pooled_p                          then the E projections
+
+Choices the paper leaves open (made here, with the official code as tie-breaker):
+
+- Queries: every rank a has its own row query and column query (each D_k / 2 wide) and its own
+  row / column sub-keys, so ``W_q`` maps h -> H r D_k. (The official code shares one query
+  across ranks by default; per-rank queries are its ``mem_q_for_each_tucker_rank`` option and
+  what Specification §3 describes.)
+- Query and key normalisation: LayerNorm without bias over the D_k / 2 channels, one gain
+  vector shared by all queries and one by all keys (official code). UltraMem initialises both
+  gains to (D_k / 2)^(-1/3) (official v1 constant); UltraMemV2 calibrates them instead.
+- Cores: c cores per head, each (r, r), initialised U(0, 1) (official code) so the summed core
+  starts positive and its leading singular vectors u, t start positive.
+- Candidate selection: (u, t) = :func:`minimem.tucker.rank1_core` of the summed core, whose
+  sign rule makes the largest |entry| of u positive. Recomputed only by
+  :meth:`TuckerRetrieval.refresh_rank1` (called from ``after_optimizer_step`` and at init),
+  outside autograd, and stored as buffers.
+- Heads: each head has its own queries, keys, cores and (u, t); values are shared; the H m
+  selected slots of a token are pooled together (their outputs summed).
+- ``softmax=True`` (ablation only; the paper removes it): softmax over the m scores of each
+  head, separately for each core.
+- IVE: E must be a perfect square. The virtual table has E N slots, addressed by a key grid of
+  sqrt(E) n sub-keys per side (official code). A fixed random permutation (a buffer drawn from
+  a generator seeded by the layer's (i, j), never re-drawn) maps virtual slot v to block
+  ``perm[v] // N`` and physical row ``perm[v] % N``. The E projections W_p (D_v -> h) are one
+  Linear on the concatenated E pooled vectors, which equals sum_p W_p^T pooled_p.
+- Pooling goes through :func:`minimem.kernels.memory_lookup`: one call with one slot per
+  (token, slot) pair reads each selected row once, then an ``index_add`` sums the pairs into
+  their (token, block) bucket. With E = 1 a single ordinary lookup does it.
+- Init (official v1 code): query projection and keys N(0, (D_k/2)^-1/2) (their scale is
+  removed by the norms), values N(0, 0.02^2), output projection N(0, 1 / (E D_v)).
+  ``memory.value_init`` is an UltraMemV2 field and is not read here.
+- The Tucker-core rank penalty of [UM] (relu(sigma_2 - 0.15)^2) is not implemented: [UM2]
+  removed it and the config has no weight for it.
+- Visualisation: ``last_indices`` (B, T, H m) physical rows read, ``last_scores``
+  (B, T, H m, c), and ``usage_counts`` (N,) counting reads of each physical row since the last
+  ``reset_usage()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimem.kernels import memory_lookup
+from minimem.tucker import rank1_cores, tucker_topk
+
+SHUFFLE_SEED = 0x5EED  # base seed of the fixed IVE / UltraMemV2 slot permutations
+
+
+def square_root(value: int, what: str) -> int:
+    """sqrt of a perfect square, else ValueError naming ``what``."""
+    root = math.isqrt(value)
+    if root * root != value:
+        raise ValueError(f"{what} must be a perfect square, got {value}")
+    return root
+
+
+def seeded_permutation(size: int, seed: int) -> torch.Tensor:
+    """A fixed random permutation of range(size), independent of the global RNG."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+
+
+class TuckerRetrieval(nn.Module):
+    """TDQKR with multi-core scoring [UM] §3.1-3.2: x (T, h) -> scores (T, H m, c), slots (T, H m).
+
+    Slot ``i * n_keys + j`` is grid cell (row i, column j) of an n_keys x n_keys grid. Per head
+    and rank a: S_row[a, i] = <Norm(q_row,a), Norm(K_row[a, i])>, likewise S_col. Core k scores
+    cell (i, j) as S_row[:, i]^T C^(k) S_col[:, j]; selection uses the summed core
+    (:func:`minimem.tucker.tucker_topk`), and each core's own score is returned so that it
+    can weight its slice of the value vector.
+    """
+
+    def __init__(self, dim: int, n_keys: int, d_key: int, rank: int, cores: int, heads: int, topk: int, softmax: bool):
+        super().__init__()
+        if d_key % 2 != 0:
+            raise ValueError(f"d_key must be even (row and column halves), got {d_key}")
+        if not 1 <= topk <= n_keys:
+            raise ValueError(f"topk (m) must be in [1, n_keys={n_keys}], got {topk}")
+        self.dim, self.n_keys, self.half = dim, n_keys, d_key // 2
+        self.rank, self.n_cores, self.heads, self.topk, self.softmax = rank, cores, heads, topk, softmax
+        # one row and one column query per (head, rank): (H, 2, r, D_k/2) after the view
+        self.query = nn.Linear(dim, heads * 2 * rank * self.half, bias=False)
+        self.keys = nn.Parameter(torch.empty(heads, 2, rank, n_keys, self.half))  # side 0 rows, 1 columns
+        self.query_norm = nn.LayerNorm(self.half, bias=False)
+        self.key_norm = nn.LayerNorm(self.half, bias=False)
+        self.cores = nn.Parameter(torch.empty(heads, cores, rank, rank))
+        # rank-1 factors of each head's summed core, refreshed once per optimiser step
+        self.register_buffer("u", torch.zeros(heads, rank))
+        self.register_buffer("t", torch.zeros(heads, rank))
+
+    def init_weights(self, query_std: float, key_std: float, norm_gain: float) -> None:
+        nn.init.normal_(self.query.weight, 0.0, query_std)
+        nn.init.normal_(self.keys, 0.0, key_std)
+        nn.init.constant_(self.query_norm.weight, norm_gain)
+        nn.init.constant_(self.key_norm.weight, norm_gain)
+        nn.init.uniform_(self.cores, 0.0, 1.0)
+        self.refresh_rank1()
+
+    @torch.no_grad()
+    def refresh_rank1(self) -> None:
+        """(u, t) = leading singular vectors of each head's summed core (fixed sign rule)."""
+        u, t = rank1_cores(self.cores.sum(1).float())  # every head at once
+        self.u.copy_(u)
+        self.t.copy_(t)
+
+    @torch.no_grad()
+    def scale_scores(self, factor: float) -> None:
+        """Multiply every grid score by ``factor`` > 0 (both norm gains by factor^(1/4)).
+
+        A grid score is bilinear in the row and column scores, each bilinear in the query and
+        key gains, so the gains scale by the fourth root. The top-m selection is unchanged.
+        """
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self.query_norm.weight.mul_(factor**0.25)
+        self.key_norm.weight.mul_(factor**0.25)
+
+    def rank_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, H, 2, r, n_keys): per head, side (0 row, 1 column) and rank, the sub-key scores.
+
+        A permuted view of a contiguous (H, 2, r, T, n_keys) tensor, so that each head's row and
+        column scores are views of (r, T, n_keys) tensors, the layout
+        :func:`minimem.tucker.tucker_topk` works in.
+        """
+        q = self.query_norm(self.query(x).view(x.shape[0], self.heads, 2, self.rank, self.half))
+        k = self.key_norm(self.keys)
+        return torch.einsum("thsad,hsand->hsatn", q, k).permute(3, 0, 1, 2, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, slots = [], []
+        # unbind, not indexing: its backward stacks the heads' gradients in one copy
+        for head, s in enumerate(self.rank_scores(x).unbind(1)):  # s (T, 2, r, n)
+            s_row, s_col = s.unbind(1)
+            sc, idx = tucker_topk(s_row, s_col, self.cores[head], self.topk, self.u[head], self.t[head])
+            if self.softmax:  # ablation: normalise each core's m scores
+                sc = F.softmax(sc, dim=1)
+            scores.append(sc)
+            slots.append(idx)
+        if self.heads == 1:
+            return scores[0], slots[0]
+        return torch.cat(scores, dim=1), torch.cat(slots, dim=1)
+
+
+def pool_by_block(values, rows, block, scores, expansion: int, pre_values=None, pre_input=None) -> torch.Tensor:
+    """IVE's pooling on the physical table ([UM] §3.3): (T, E D_v), block p's pool at columns p D_v.
+
+    rows, block (T, k) physical row and virtual block of each selected slot; scores (T, k, c).
+    One lookup row per (token, slot) pair reads each selected row once (with its pre-value gate
+    when ``pre_values`` / ``pre_input`` (T, D_p) are given), then the pairs are summed into their
+    (token, block) bucket.
+    """
+    T, k = rows.shape
+    pairs = memory_lookup(
+        values,
+        rows.reshape(-1, 1),
+        scores.reshape(-1, 1, scores.shape[-1]),
+        pre_values,
+        None if pre_input is None else pre_input.repeat_interleave(k, dim=0),
+    )
+    bucket = (torch.arange(T, device=rows.device).unsqueeze(1) * expansion + block).reshape(-1)
+    pooled = pairs.new_zeros(T * expansion, values.shape[1]).index_add(0, bucket, pairs)
+    return pooled.view(T, expansion * values.shape[1])
+
+
+def usage_update(counts: torch.Tensor, rows: torch.Tensor) -> None:
+    """Add the reads in ``rows`` to the (N,) ``counts`` buffer."""
+    with torch.no_grad():
+        counts += torch.bincount(rows.reshape(-1), minlength=counts.numel())
+
+
+class UltraMem(nn.Module):
+    """UltraMem memory layer [UM] reading before block ``i`` and adding after block ``j``.
+
+    Input: the raw residual stream (B, T, h); output (B, T, h). See the module docstring.
+    """
+
+    def __init__(self, config, i: int, j: int):
+        super().__init__()
+        config.validate()
+        mem = config.memory
+        if not (0 <= i < j < config.n_layer):
+            raise ValueError(f"skip-layer pair (i, j) = ({i}, {j}) needs 0 <= i < j < model.n_layer={config.n_layer}")
+        self.config, self.i, self.j = config, i, j
+        h = config.n_embd
+        self.n_slots = mem.n_slots  # N physical rows
+        self.d_key, self.d_value, _ = mem.widths(h)
+        self.expansion = mem.expansion  # E virtual memories
+        root_e = square_root(
+            mem.expansion, "model.memory.expansion (E, the virtual key grid has sqrt(E) n keys per side)"
+        )
+        self.n_keys = root_e * math.isqrt(mem.n_slots)  # sub-keys per side of the E N virtual grid
+        self.n_cores = mem.cores
+        self.norm = nn.RMSNorm(h, eps=1e-6)  # the blocks' RMSNorm (minimem.model.RMSNorm computes the same)
+        self.retrieval = TuckerRetrieval(
+            h, self.n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax
+        )
+        self.values = nn.Parameter(torch.empty(mem.n_slots, self.d_value))
+        self.values.is_memory_value = True
+        self.value_proj = nn.Linear(self.expansion * self.d_value, h, bias=False)  # W_1 ... W_E side by side
+        self.register_buffer("shuffle", seeded_permutation(self.expansion * mem.n_slots, SHUFFLE_SEED + 7919 * i + j))
+        self.register_buffer("usage_counts", torch.zeros(mem.n_slots, dtype=torch.long), persistent=False)
+        self.last_indices = None
+        self.last_scores = None
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """Official UltraMem init (module docstring); the shuffle is kept."""
+        half = self.d_key // 2
+        self.retrieval.init_weights(half**-0.5, half**-0.5, half ** (-1 / 3))
+        nn.init.normal_(self.values, 0.0, 0.02)
+        nn.init.normal_(self.value_proj.weight, 0.0, (self.expansion * self.d_value) ** -0.5)
+
+    def after_optimizer_step(self) -> None:
+        self.retrieval.refresh_rank1()
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, h = x.shape
+        flat = self.norm(x).reshape(B * T, h)
+        scores, slots = self.retrieval(flat)  # (BT, Hm, c), (BT, Hm) virtual slots
+        virtual = self.shuffle[slots]
+        block, rows = virtual // self.n_slots, virtual % self.n_slots
+        if self.expansion == 1:
+            pooled = memory_lookup(self.values, rows, scores)
+        else:  # pool per block on the physical table, then the E projections (one Linear)
+            pooled = pool_by_block(self.values, rows, block, scores, self.expansion)
+        usage_update(self.usage_counts, rows)
+        self.last_indices = rows.detach().view(B, T, -1)
+        self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
+        return self.value_proj(pooled).view(B, T, h)
+
+
+__all__ = [
+    "TuckerRetrieval",
+    "UltraMem",
+    "pool_by_block",
+    "square_root",
+    "seeded_permutation",
+    "usage_update",
+    "SHUFFLE_SEED",
+]

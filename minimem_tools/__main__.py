@@ -1,0 +1,3 @@
+from minimem_tools.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""``minimem train``: the command line of :func:`minimem.train.train`.
+
+    minimem train --config configs/shakespeare-dense.yaml [--max-steps N] [--out DIR]
+                  [--resume | --overwrite] [--set train.lr=2e-3 ...]
+
+A bad config, ``--out`` or checkpoint exits 2 with one line; a diverged run or a full disk exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from minimem.checkpoint import latest_checkpoint
+from minimem.config import Config, load_config
+from minimem.train import DiskFull, SetupError, TrainingDiverged, train
+from minimem_tools.cli import ArgumentParser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minimem train", description="Train a model from a YAML config.")
+    parser.add_argument("--config", help="YAML config file (optional with --resume: the run's saved config)")
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
+    parser.add_argument("--out", help="run folder (override train.out_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the run folder (kept until the new run's first checkpoint)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        action="extend",
+        help="override config fields, e.g. --set train.lr=2e-3 model.n_layer=6",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The run's config: the YAML file (or, with --resume and no --config, the run's config.json) plus overrides."""
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.out is not None:
+        overrides.append(f"train.out_dir={json.dumps(args.out)}")
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    if not args.resume:
+        raise ValueError("--config is required (it may be left out only with --resume)")
+    out = Path(args.out) if args.out else Path(Config().train.out_dir)
+    path = latest_checkpoint(out)
+    if path is None:
+        raise ValueError(f"--resume without --config: no checkpoint in {out}")
+    return load_config(path / "config.json", overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except SetupError as err:  # bad config, --out, dataset, device or checkpoint: no traceback
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, DiskFull) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
