@@ -136,19 +136,13 @@ class _Method(torch.nn.Module):
 
 def _product_key_config(kind, h, heads, n, d_key, m, query_norm="layernorm", activation="none"):
     """A one-block ModelConfig whose memory is ``kind`` with the exercise's sizes (h even: one head)."""
-    from minimem.config import MemoryConfig, ModelConfig
+    from minimem.config import ModelConfig, PEERConfig, PKMConfig
 
-    memory = MemoryConfig(
-        kind=kind,
-        n_slots=n * n,
-        heads=heads,
-        topk=m,
-        d_key=d_key,
-        query_norm=query_norm,
-        activation=activation,
-        cores=1,
-    )
-    return ModelConfig(n_layer=1, n_head=1, n_embd=h, memory=memory)
+    fields = dict(n_slots=n * n, heads=heads, topk=m, d_key=d_key, query_norm=query_norm)
+    memory = PEERConfig(activation=activation, **fields) if kind == "peer" else PKMConfig(**fields)
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=h, memory=memory)
+    config.validate()  # as loading does: the layers do not re-check their config
+    return config
 
 
 def _router_weights(w_query, keys1=None, keys2=None):
@@ -252,14 +246,13 @@ def implicit_value_expansion(values, rows, blocks, scores, projections):
     The identity shuffle makes virtual slot ``block * N + row`` physical row ``row`` of block
     ``block``. The module needs N and E perfect squares and m <= sqrt(N).
     """
-    from minimem.config import MemoryConfig, ModelConfig
+    from minimem.config import ModelConfig, UltraMemConfig
     from minimem.ultramem import UltraMem
 
     n_slots, d_value = values.shape
     expansion, _, h = projections.shape
     T, m, cores = scores.shape
-    memory = MemoryConfig(
-        kind="ultramem",
+    memory = UltraMemConfig(
         n_slots=n_slots,
         topk=m,
         d_key=2,
@@ -268,7 +261,9 @@ def implicit_value_expansion(values, rows, blocks, scores, projections):
         expansion=expansion,
         skip=[[0, 1]],
     )
-    module = UltraMem(ModelConfig(n_layer=2, n_head=1, n_embd=h, memory=memory), 0, 1).to(values.dtype)
+    config = ModelConfig(n_layer=2, n_head=1, n_embd=h, memory=memory)
+    config.validate()  # as loading does: N and E perfect squares, m <= sqrt(N)
+    module = UltraMem(config, 0, 1).to(values.dtype)
     module.retrieval = _GivenRetrieval(scores, blocks * n_slots + rows)
     weights = {
         "values": values,
@@ -291,10 +286,9 @@ def prevalue_read(values, pre_values, indices, scores, px, w_out):
 def mcp_percent(h, ffn_hidden, n_keys, d_key, d_value, d_pre, heads, rank, cores, topk):
     """``minimem.accounting.mcp_percent`` of a one-block UltraMemV2 model with these sizes (h even)."""
     from minimem.accounting import mcp_percent as model_mcp_percent
-    from minimem.config import MemoryConfig, ModelConfig
+    from minimem.config import ModelConfig, UltraMemV2Config
 
-    memory = MemoryConfig(
-        kind="ultramemv2",
+    memory = UltraMemV2Config(
         n_slots=n_keys * n_keys,
         heads=heads,
         topk=topk,

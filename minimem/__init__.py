@@ -27,7 +27,18 @@ the book's Specification appendix (``book/specification.md``), which the docstri
 """
 
 from minimem.checkpoint import load_model
-from minimem.config import Config, MemoryConfig, ModelConfig, MoEConfig, TrainConfig, load_config
+from minimem.config import (
+    Config,
+    MemoryConfig,
+    ModelConfig,
+    MoEConfig,
+    PEERConfig,
+    PKMConfig,
+    TrainConfig,
+    UltraMemConfig,
+    UltraMemV2Config,
+    load_config,
+)
 from minimem.ffn import MoE
 from minimem.kernels import memory_lookup
 from minimem.model import GPT
@@ -60,6 +71,10 @@ __all__ = [
     "ModelConfig",
     "MoEConfig",
     "MemoryConfig",
+    "PKMConfig",
+    "PEERConfig",
+    "UltraMemConfig",
+    "UltraMemV2Config",
     "TrainConfig",
     "load_config",
     "load_model",

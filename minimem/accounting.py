@@ -159,7 +159,7 @@ def _part_of(model: nn.Module, name: str) -> str:
 
 def _memory_reads_per_token(config: ModelConfig) -> int:
     """H m: rows of each value table one token reads in one memory layer."""
-    return config.memory.heads * config.memory.topk
+    return 0 if config.memory.kind == "none" else config.memory.heads * config.memory.topk
 
 
 def access_structure(model: nn.Module) -> _Structure:
@@ -235,9 +235,9 @@ def memory_dims(config: ModelConfig) -> dict:
         d_key=d_key,
         d_value=d_value,
         d_pre=d_pre,
-        r=mem.rank,
-        c=mem.cores,
-        E=mem.value_projections if mem.kind == "ultramemv2" else mem.expansion,
+        r=getattr(mem, "rank", 0),  # r, c, E: 0 for the kinds without them (pkm, peer)
+        c=getattr(mem, "cores", 0),
+        E=getattr(mem, "value_projections", getattr(mem, "expansion", 0)),
         h=h,
     )
 

@@ -259,7 +259,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if _sha256(path / f) != digest:
             raise CheckpointError(f"corrupt checkpoint file {path / f}: SHA-256 does not match {STATE_FILE}")
     try:
-        config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()), saved=True)
     except ValueError as err:
         raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: {err}") from None
     try:

@@ -39,9 +39,10 @@ def check_range(where: str, value, low, high=None) -> None:
 
 
 # --------------------------------------------------------------------------- memory layers
-# One dataclass serves every memory kind ([PKM], [PEER], [UM], [UM2]; Specification §1-§4); each field
-# says which kinds read it. ``kind="none"`` means no memory. Widths left at 0 take the kind's default
-# from the model width h (documented per field).
+# One dataclass per memory kind ([PKM], [PEER], [UM], [UM2]; Specification §1-§4), each with exactly the
+# fields its layer reads; ``kind`` picks the class when loading, and a field of another kind is an error.
+# ``MemoryConfig`` itself is ``kind="none"``: no memory. Widths left at 0 take the kind's default from the
+# model width h (documented per field). Fields shared by kinds keep one default everywhere.
 
 MEMORY_KINDS = ("none", "pkm", "peer", "ultramem", "ultramemv2")
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
@@ -51,44 +52,25 @@ ACTIVATIONS = ("none", "gelu", "relu", "sigmoid", "silu")
 
 @dataclass
 class MemoryConfig:
+    """No memory (``kind: none``); the base of the per-kind classes, which validate their own fields."""
+
     kind: str = "none"
-    # Blocks that hold a memory. [] means the kind's default: pkm/peer the middle block,
-    # ultramemv2 every block; ultramem uses ``skip`` pairs instead.
-    layers: list[int] = field(default_factory=list)
-    n_slots: int = 4096  # N physical slots; must be a perfect square, n = sqrt(N) sub-keys per side
-    heads: int = 1  # H retrieval heads (own queries and sub-keys, shared values)
-    topk: int = 16  # m slots per token per head
-    d_key: int = 0  # D_k query/key width; 0 -> h/2 (the [UM2] rule)
-    d_value: int = 0  # D_v value width; 0 -> h (pkm, peer-free kinds)
-    d_pre: int = 0  # D_p pre-value width (ultramemv2); 0 -> d_value / 3 (the 1:3 split)
-    query_norm: str = "layernorm"  # pkm/peer: "layernorm", "batchnorm" ([PKM]) or "none"
-    softmax: bool = (
-        True  # softmax over the m scores: [PKM]/[PEER] use it; [UM] removed it (set false, as the ultramem configs do)
-    )
-    rank: int = 2  # r, Tucker rank of TDQKR (ultramem, ultramemv2)
-    cores: int = 2  # c, multi-core scoring cores (ultramem, ultramemv2)
-    expansion: int = 4  # E, implicit value expansion (ultramem)
-    skip: list[list[int]] = field(default_factory=list)  # ultramem: [[i, j], ...] read before i, add after j > i
-    activation: str = "none"  # ultramemv2 pre-value activation (none = the paper's choice); peer expert activation
-    ring_group: int = 1  # ultramemv2: layers per group sharing one value table in a ring
-    value_init: str = "principled"  # ultramemv2 value/pre-value init; pkm uses N(0, D_v^-1/2)
-    sigma_s: float = 0.0  # ultramemv2 top-m score spread; 0 -> estimated by Monte Carlo at init
-    # Ablation switches of UltraMemV2's changes 2 and 3 ([UM2] §4; the defaults are the paper's layer):
-    pre_values: bool = True  # ultramemv2: False -> plain values, o = W^T sum_i s_i V_i (no P, no W_p)
-    value_projections: int = 1  # ultramemv2: E > 1 (a perfect square) -> UltraMem's E per-block projections
 
     def widths(self, h: int) -> tuple[int, int, int]:
         """(D_k, D_v, D_p) with the defaults filled in (the one place they are resolved): D_k = h/2
         (the [UM2] rule), D_v = h, D_p = D_v / 3 (the 1:3 split). D_p is 0 where the layer has no
         pre-values: every kind but ultramemv2, and ultramemv2 with ``pre_values`` off."""
-        d_value = self.d_value or h
-        d_pre = (self.d_pre or d_value // 3) if self.kind == "ultramemv2" and self.pre_values else 0
-        return self.d_key or h // 2, d_value, d_pre
+        d_value = getattr(self, "d_value", 0) or h
+        d_pre = (self.d_pre or d_value // 3) if getattr(self, "pre_values", False) else 0
+        return getattr(self, "d_key", 0) or h // 2, d_value, d_pre
 
-    def validate(self, model) -> None:  # model: ModelConfig
-        if self.kind not in MEMORY_KINDS:
-            raise ValueError(f"model.memory.kind must be one of {MEMORY_KINDS}, got {self.kind!r}")
-        for layer in self.layers:
+    def validate(self, model) -> None:  # model: ModelConfig; each check runs where the kind has the field
+        if MEMORY_CONFIGS.get(self.kind) is not type(self):
+            use = f"; use {MEMORY_CONFIGS[self.kind].__name__}" if self.kind in MEMORY_CONFIGS else ""
+            raise ValueError(
+                f"model.memory.kind of a {type(self).__name__} must be {type(self).kind!r}, got {self.kind!r}{use}"
+            )
+        for layer in getattr(self, "layers", []):
             if not 0 <= layer < model.n_layer:
                 raise ValueError(
                     f"model.memory.layers entries must be in [0, model.n_layer={model.n_layer}), got {layer}"
@@ -97,10 +79,12 @@ class MemoryConfig:
             return
         check_range("model.memory.n_slots", self.n_slots, 1, MAX_SLOTS)
         for name in ("heads", "rank", "cores", "expansion", "ring_group", "value_projections"):
-            check_range(f"model.memory.{name}", getattr(self, name), 1, MAX_SIZE)
+            if hasattr(self, name):
+                check_range(f"model.memory.{name}", getattr(self, name), 1, MAX_SIZE)
         for name in ("d_key", "d_value", "d_pre"):  # 0: the kind's default width
-            check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
-        check_range("model.memory.sigma_s", self.sigma_s, 0.0)
+            if hasattr(self, name):
+                check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
+        check_range("model.memory.sigma_s", getattr(self, "sigma_s", 0.0), 0.0)
         n = math.isqrt(self.n_slots)
         if n * n != self.n_slots:
             raise ValueError(f"model.memory.n_slots must be a perfect square (N = n^2), got {self.n_slots}")
@@ -109,25 +93,21 @@ class MemoryConfig:
         d_key, d_value, d_pre = self.widths(model.n_embd)
         if d_key % 2 != 0:
             raise ValueError(f"model.memory.d_key must be even (split into two halves), got {d_key}")
-        if self.kind == "ultramemv2" and self.pre_values and d_pre < 1:
+        if getattr(self, "pre_values", False) and d_pre < 1:
             raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {d_pre}")
-        if d_value % self.cores != 0:
+        if d_value % getattr(self, "cores", 1) != 0:
             raise ValueError(f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}")
-        if not isinstance(self.pre_values, bool):
+        if not isinstance(getattr(self, "pre_values", True), bool):
             raise ValueError(f"model.memory.pre_values must be true or false, got {self.pre_values!r}")
-        root = math.isqrt(self.value_projections)
-        if root * root != self.value_projections:
+        if math.isqrt(e := getattr(self, "value_projections", 1)) ** 2 != e:
             raise ValueError(
                 "model.memory.value_projections must be a perfect square >= 1 (1, 4, 9, ...), "
                 f"got {self.value_projections}"
             )
-        if self.query_norm not in QUERY_NORMS:
-            raise ValueError(f"model.memory.query_norm must be one of {QUERY_NORMS}, got {self.query_norm!r}")
-        if self.value_init not in VALUE_INITS:
-            raise ValueError(f"model.memory.value_init must be one of {VALUE_INITS}, got {self.value_init!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.memory.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        for pair in self.skip:
+        for name, allowed in (("query_norm", QUERY_NORMS), ("value_init", VALUE_INITS), ("activation", ACTIVATIONS)):
+            if getattr(self, name, allowed[0]) not in allowed:
+                raise ValueError(f"model.memory.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for pair in getattr(self, "skip", []):
             if len(pair) != 2:
                 raise ValueError(f"model.memory.skip entries must be [i, j] pairs, got {pair}")
             i, j = pair
@@ -137,14 +117,94 @@ class MemoryConfig:
                 raise ValueError(
                     f"model.memory.skip pair [i, j] = {pair} needs j > i (skip-layer reads at i, adds at j)"
                 )
-        if self.kind == "ultramem" and not self.skip:
-            raise ValueError("model.memory.skip must list at least one [i, j] pair for kind 'ultramem'")
+        if self.kind == "ultramem":
+            if not self.skip:
+                raise ValueError("model.memory.skip must list at least one [i, j] pair for kind 'ultramem'")
+            if math.isqrt(self.expansion) ** 2 != self.expansion:
+                raise ValueError(f"model.memory.expansion (E) must be a perfect square, got {self.expansion}")
+        if self.kind == "ultramemv2":  # each ring group's E x G x N virtual slots form a square key grid
+            layers = sorted(memory_layers(model))
+            for size in {len(layers[i : i + self.ring_group]) for i in range(0, len(layers), self.ring_group)}:
+                if math.isqrt(virtual := self.value_projections * size * self.n_slots) ** 2 != virtual:
+                    raise ValueError(
+                        "model.memory.value_projections x model.memory.ring_group x model.memory.n_slots (the "
+                        f"virtual slots of this {size}-layer group, addressed by a square key grid; use ring_group "
+                        f"in 1, 4, 9, ...) must be a perfect square, got {virtual}"
+                    )
+
+
+@dataclass
+class SlotMemoryConfig(MemoryConfig):
+    """The fields every memory kind has: N slots read by H heads of top-m key retrieval."""
+
+    n_slots: int = 4096  # N physical slots; must be a perfect square, n = sqrt(N) sub-keys per side
+    heads: int = 1  # H retrieval heads (own queries and sub-keys, shared values)
+    topk: int = 16  # m slots per token per head
+    d_key: int = 0  # D_k query/key width; 0 -> h/2 (the [UM2] rule)
+    # softmax over the m scores: [PKM]/[PEER] use it; [UM] removed it (set false, as the ultramem configs do)
+    softmax: bool = True
+
+
+@dataclass
+class PKMConfig(SlotMemoryConfig):
+    """Product-key memory [PKM] in the FFN slot of its blocks (:class:`minimem.pkm.PKM`)."""
+
+    kind: str = "pkm"
+    layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> the middle block
+    d_value: int = 0  # D_v value width; 0 -> h
+    query_norm: str = "layernorm"  # "layernorm", "batchnorm" ([PKM]) or "none"
+
+
+@dataclass
+class PEERConfig(SlotMemoryConfig):
+    """PEER [PEER]: single-neuron experts in the FFN slot of its blocks (:class:`minimem.peer.PEER`)."""
+
+    kind: str = "peer"
+    layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> the middle block
+    query_norm: str = "layernorm"  # "layernorm", "batchnorm" ([PKM]) or "none"
+    activation: str = "none"  # expert activation on <u_i, x>
+
+
+@dataclass
+class UltraMemConfig(SlotMemoryConfig):
+    """UltraMem [UM]: skip-layer memories reading before block i, adding after block j > i."""
+
+    kind: str = "ultramem"
+    skip: list[list[int]] = field(default_factory=list)  # [[i, j], ...] read before i, add after j > i
+    d_value: int = 0  # D_v value width; 0 -> h
+    rank: int = 2  # r, Tucker rank of TDQKR
+    cores: int = 2  # c, multi-core scoring cores
+    expansion: int = 4  # E, implicit value expansion (a perfect square)
+
+
+@dataclass
+class UltraMemV2Config(SlotMemoryConfig):
+    """UltraMemV2 [UM2] beside the FFN of its blocks (:class:`minimem.ultramemv2.UltraMemV2`)."""
+
+    kind: str = "ultramemv2"
+    layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> every block
+    d_value: int = 0  # D_v value width; 0 -> h
+    d_pre: int = 0  # D_p pre-value width; 0 -> d_value / 3 (the 1:3 split)
+    rank: int = 2  # r, Tucker rank of TDQKR
+    cores: int = 2  # c, multi-core scoring cores
+    activation: str = "none"  # pre-value activation (none = the paper's choice)
+    ring_group: int = 1  # layers per group sharing one value table in a ring
+    value_init: str = "principled"  # value/pre-value init (minimem.init)
+    sigma_s: float = 0.0  # top-m score spread; 0 -> estimated by Monte Carlo at init
+    # Ablation switches of UltraMemV2's changes 2 and 3 ([UM2] §4; the defaults are the paper's layer):
+    pre_values: bool = True  # False -> plain values, o = W^T sum_i s_i V_i (no P, no W_p)
+    value_projections: int = 1  # E > 1 (a perfect square) -> UltraMem's E per-block projections
+
+
+MEMORY_CONFIGS = dict(zip(MEMORY_KINDS, (MemoryConfig, PKMConfig, PEERConfig, UltraMemConfig, UltraMemV2Config)))
+# Every memory field and its default (one per name): what a config saved before the split held for all kinds.
+MEMORY_DEFAULTS = {f.name: getattr(c(), f.name) for c in MEMORY_CONFIGS.values() for f in fields(c) if f.name != "kind"}
 
 
 def memory_layers(config: "ModelConfig") -> list[int]:
     """Blocks that hold a memory for pkm / peer / ultramemv2 (the config's list or the kind's default)."""
     mem = config.memory
-    if mem.layers:
+    if getattr(mem, "layers", None):
         return list(mem.layers)
     if mem.kind in ("pkm", "peer"):
         return [config.n_layer // 2]
@@ -287,12 +347,14 @@ def _null_error(name: str) -> ValueError:
     return ValueError(f"{name} is null; give it a value, or leave the key out to keep its default")
 
 
-def _from_dict(cls, data: Any, where: str):
+def _from_dict(cls, data: Any, where: str, saved: bool = False):
     """Build dataclass ``cls`` from a dict, rejecting unknown keys with their dotted name."""
     if data is None:
         raise _null_error(where)
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    if cls is MemoryConfig:
+        cls, data = _memory_class(data, where, saved)
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
@@ -302,10 +364,25 @@ def _from_dict(cls, data: Any, where: str):
             raise ValueError(f"unknown config key {name!r}; known keys: {sorted(known)}")
         kind = hints[key]
         if is_dataclass(kind):
-            kwargs[key] = _from_dict(kind, value, name)
+            kwargs[key] = _from_dict(kind, value, name, saved)
         else:
             kwargs[key] = _coerce(value, kind, name)
     return cls(**kwargs)
+
+
+def _memory_class(data: dict, where: str, saved: bool) -> tuple[type, dict]:
+    """The class ``data['kind']`` names, and ``data`` without the fields of other kinds that a config
+    saved before the per-kind split holds at their defaults (``saved``); any other such field is an error."""
+    kind = _coerce(data.get("kind", "none"), str, f"{where}.kind")
+    if kind not in MEMORY_CONFIGS:
+        raise ValueError(f"{where}.kind must be one of {MEMORY_KINDS}, got {kind!r}")
+    own = sorted(f.name for f in fields(MEMORY_CONFIGS[kind]))
+    foreign = [key for key in data if key not in own and key in MEMORY_DEFAULTS]
+    for key in foreign:
+        if not saved or data[key] != MEMORY_DEFAULTS[key]:
+            old = f" and differs from its default {MEMORY_DEFAULTS[key]!r} in this saved config" if saved else ""
+            raise ValueError(f"{where}.{key} is not a field of kind {kind!r}{old} (its fields: {', '.join(own)})")
+    return MEMORY_CONFIGS[kind], {key: value for key, value in data.items() if key not in foreign}
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
@@ -350,8 +427,10 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     return value
 
 
-def config_from_dict(data: dict) -> Config:
-    return _from_dict(Config, data, "").validate()
+def config_from_dict(data: dict, saved: bool = False) -> Config:
+    """A validated :class:`Config` from a dict; ``saved``: a config a run saved (a checkpoint's
+    config.json, a results file), read in the older one-class memory format too."""
+    return _from_dict(Config, data, "", saved).validate()
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -363,7 +442,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
-def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | Path, overrides: Optional[list[str]] = None, saved: bool = False) -> Config:
     """Load a YAML (or JSON) config file, apply ``KEY=VALUE`` overrides, validate.
 
     Every problem, with the file or an override, raises FileNotFoundError (no such path) or
@@ -396,7 +475,7 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
             f"config file {path} must hold a mapping of sections (model:, train:), got a YAML {type(data).__name__}"
         )
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    return config_from_dict(data, saved)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -412,13 +491,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         cls = Config
         for i, part in enumerate(parts):
-            known = {f.name for f in fields(cls)}
+            known = set(MEMORY_DEFAULTS) | {"kind"} if cls is MemoryConfig else {f.name for f in fields(cls)}
             if part not in known:
                 raise ValueError(
                     f"unknown config key {'.'.join(parts[: i + 1])!r} in --set {item!r}; "
                     f"known keys there: {sorted(known)}"
                 )
-            kind = typing.get_type_hints(cls)[part]
+            kind = typing.get_type_hints(cls).get(part, Any)  # Any: a memory field (not a section)
             if i < len(parts) - 1:
                 if not is_dataclass(kind):
                     raise ValueError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")

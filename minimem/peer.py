@@ -35,13 +35,7 @@ class PEER(ProductKeyRouter):
 
     def __init__(self, config, layer: int):
         super().__init__(config, layer)
-        mem = config.memory
-        if mem.d_value not in (0, config.n_embd):
-            raise ValueError(
-                f"model.memory.d_value must be 0 or h={config.n_embd} for kind 'peer' "
-                f"(expert vectors live in R^h), got {mem.d_value}"
-            )
-        self.activation = mem.activation
+        self.activation = config.memory.activation
         self.down = nn.Parameter(torch.empty(self.n_slots, self.dim))  # u_i
         self.up = nn.Parameter(torch.empty(self.n_slots, self.dim))  # v_i
         self.down.is_memory_value = True

@@ -43,12 +43,7 @@ class ProductKeyRouter(nn.Module):
 
     def __init__(self, config, layer: int):
         super().__init__()
-        mem = config.memory
-        if mem.kind != self.kind:
-            raise ValueError(
-                f"model.memory.kind must be {self.kind!r} to build {type(self).__name__}, got {mem.kind!r}"
-            )
-        mem.validate(config)
+        mem = config.memory  # validated when loaded (ModelConfig.validate)
         self.layer = layer
         self.dim = config.n_embd
         self.n_slots = mem.n_slots  # N

@@ -61,14 +61,6 @@ from minimem.tucker import rank1_cores, tucker_topk
 SHUFFLE_SEED = 0x5EED  # base seed of the fixed IVE / UltraMemV2 slot permutations
 
 
-def square_root(value: int, what: str) -> int:
-    """sqrt of a perfect square, else ValueError naming ``what``."""
-    root = math.isqrt(value)
-    if root * root != value:
-        raise ValueError(f"{what} must be a perfect square, got {value}")
-    return root
-
-
 def seeded_permutation(size: int, seed: int) -> torch.Tensor:
     """A fixed random permutation of range(size), independent of the global RNG."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
@@ -190,8 +182,7 @@ class UltraMem(nn.Module):
 
     def __init__(self, config, i: int, j: int):
         super().__init__()
-        config.validate()
-        mem = config.memory
+        mem = config.memory  # validated when loaded (ModelConfig.validate)
         if not (0 <= i < j < config.n_layer):
             raise ValueError(f"skip-layer pair (i, j) = ({i}, {j}) needs 0 <= i < j < model.n_layer={config.n_layer}")
         self.config, self.i, self.j = config, i, j
@@ -199,10 +190,7 @@ class UltraMem(nn.Module):
         self.n_slots = mem.n_slots  # N physical rows
         self.d_key, self.d_value, _ = mem.widths(h)
         self.expansion = mem.expansion  # E virtual memories
-        root_e = square_root(
-            mem.expansion, "model.memory.expansion (E, the virtual key grid has sqrt(E) n keys per side)"
-        )
-        self.n_keys = root_e * math.isqrt(mem.n_slots)  # sub-keys per side of the E N virtual grid
+        self.n_keys = math.isqrt(mem.expansion) * math.isqrt(mem.n_slots)  # sub-keys per side of the E N virtual grid
         self.n_cores = mem.cores
         self.norm = nn.RMSNorm(h, eps=1e-6)  # the blocks' RMSNorm (minimem.model.RMSNorm computes the same)
         self.retrieval = TuckerRetrieval(
@@ -250,7 +238,6 @@ __all__ = [
     "TuckerRetrieval",
     "UltraMem",
     "pool_by_block",
-    "square_root",
     "seeded_permutation",
     "usage_update",
     "SHUFFLE_SEED",

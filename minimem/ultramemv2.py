@@ -50,6 +50,7 @@ Visualisation: ``last_indices`` (B, T, H m) table rows read, ``last_scores`` (B,
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -71,7 +72,6 @@ from minimem.ultramem import (
     TuckerRetrieval,
     pool_by_block,
     seeded_permutation,
-    square_root,
     usage_update,
 )
 
@@ -112,8 +112,7 @@ class UltraMemV2(nn.Module):
 
     def __init__(self, config, layer: int):
         super().__init__()
-        config.validate()
-        mem = config.memory
+        mem = config.memory  # validated when loaded (ModelConfig.validate)
         groups = ring_groups(config)
         group = next((g for g in groups if layer in g), None)
         if group is None:
@@ -124,18 +123,10 @@ class UltraMemV2(nn.Module):
         h = config.n_embd
         self.d_key, self.d_value, self.d_pre = config.memory.widths(config.n_embd)
         self.n_cores, self.heads, self.topk = mem.cores, mem.heads, mem.topk
-        if mem.activation != "none" and mem.activation not in GATE_ACTIVATIONS:
-            raise ValueError(
-                f"model.memory.activation must be 'none' or one of {tuple(GATE_ACTIVATIONS)}, got {mem.activation!r}"
-            )
         self.activation = mem.activation
         self.table_rows = len(group) * mem.n_slots
         self.projections = mem.value_projections  # E: 1 in UltraMemV2, > 1 for the IVE ablation
-        n_keys = square_root(
-            self.projections * self.table_rows,
-            f"model.memory.value_projections x model.memory.ring_group x model.memory.n_slots (the virtual slots "
-            f"of this {len(group)}-layer group, addressed by a square key grid; use ring_group in 1, 4, 9, ...)",
-        )
+        n_keys = math.isqrt(self.projections * self.table_rows)  # a square grid (checked by the config)
         self.offset = group.index(layer) * mem.n_slots
         self.retrieval = TuckerRetrieval(h, n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax)
         self.pre_proj = nn.Linear(h, self.d_pre, bias=False) if self.d_pre else None  # W_p

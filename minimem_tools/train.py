@@ -58,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     path = latest_checkpoint(out)
     if path is None:
         raise ValueError(f"--resume without --config: no checkpoint in {out}")
-    return load_config(path / "config.json", overrides)
+    return load_config(path / "config.json", overrides, saved=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

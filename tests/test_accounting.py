@@ -18,7 +18,8 @@ from minimem.accounting import (
     measured_bytes_read,
     plot_bytes_per_token,
 )
-from minimem.config import MemoryConfig, ModelConfig, MoEConfig
+from minimem.config import MEMORY_CONFIGS as CONFIG_CLASSES
+from minimem.config import ModelConfig, MoEConfig
 from minimem.model import GPT
 
 SMALL = dict(vocab_size=65, block_size=32, n_layer=3, n_head=2, n_embd=64, ffn_hidden=96)
@@ -32,7 +33,7 @@ CONFIGS = {
         **SMALL, ffn="moe", tie_embeddings=False, moe=MoEConfig(n_experts=6, top_k=3, d_expert=24, shared_expert=True)
     ),
 }
-# memory kinds: (module that must exist, MemoryConfig kwargs)
+# memory kinds: (module that must exist, kwargs of the kind's config class)
 MEMORY_CONFIGS = {
     "pkm": ("minimem.pkm", dict(kind="pkm", **MEMORY)),
     "pkm-3heads-bn-dv": ("minimem.pkm", dict(kind="pkm", heads=3, d_value=48, query_norm="batchnorm", **MEMORY)),
@@ -58,7 +59,7 @@ def memory_config(name):
         pytest.skip(f"{module} is not written yet")
     model_kwargs = {**SMALL, **kwargs.get("model", {})}
     kwargs = {k: v for k, v in kwargs.items() if k != "model"}
-    return ModelConfig(**model_kwargs, memory=MemoryConfig(**kwargs))
+    return ModelConfig(**model_kwargs, memory=CONFIG_CLASSES[kwargs["kind"]](**kwargs))
 
 
 def any_config(name):

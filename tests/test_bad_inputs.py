@@ -95,7 +95,14 @@ NAN = [  # NaN or infinite floats, in a file or a --set
         ["train", "--config", "{tmp}/ok.yaml", "--set", "model.moe.aux_loss_weight=nan"],
         "aux_loss_weight must be a finite",
     ),
-    (["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.sigma_s=.nan"], "sigma_s must be a finite number"),
+    (
+        ["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=pkm", "model.memory.rank=7"],
+        "model.memory.rank is not a field of kind 'pkm' (its fields: ",
+    ),
+    (
+        ["train", "--config", "{tmp}/ok.yaml", "--set", "model.memory.kind=ultramemv2", "model.memory.sigma_s=.nan"],
+        "sigma_s must be a finite number",
+    ),
     (["bench", "accounting", "{tmp}/lr-nan.yaml"], "train.lr must be a finite number"),
 ]
 ABSURD = [  # sizes no machine holds: refused by the config's bounds

@@ -7,7 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minimem.config import Config, ModelConfig, MoEConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from minimem.config import (
+    MEMORY_CONFIGS,
+    MEMORY_DEFAULTS,
+    Config,
+    MemoryConfig,
+    ModelConfig,
+    MoEConfig,
+    PEERConfig,
+    PKMConfig,
+    TrainConfig,
+    UltraMemConfig,
+    UltraMemV2Config,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 from minimem_tools.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +120,8 @@ def test_null_values_and_empty_files_are_errors_not_defaults(tmp_path):
 )
 def test_every_float_field_rejects_nan_and_inf(tmp_path, override):
     field = override.split("=")[0]
-    with pytest.raises(ValueError, match=rf"^{field} must be a finite number"):
-        load_config(write(tmp_path, {}), [override])
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number"):  # sigma_s: an ultramemv2 field
+        load_config(write(tmp_path, {"model": {"memory": {"kind": "ultramemv2"}}}), [override])
 
 
 def test_threads_zero_keeps_the_default_and_negative_is_an_error(tmp_path):
@@ -249,3 +264,116 @@ def test_cli_resume_without_config_uses_the_run_config(tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5, 6]
     code, err = run_cli(capsys)
     assert code == 2 and "--config is required" in err
+
+
+# ----------------------------------------------------------------------------- one config class per memory kind
+
+# The memory dict every config saved before the per-kind classes holds (the old 20-field MemoryConfig).
+OLD_MEMORY = dict(
+    kind="none",
+    layers=[],
+    n_slots=4096,
+    heads=1,
+    topk=16,
+    d_key=0,
+    d_value=0,
+    d_pre=0,
+    query_norm="layernorm",
+    softmax=True,
+    rank=2,
+    cores=2,
+    expansion=4,
+    skip=[],
+    activation="none",
+    ring_group=1,
+    value_init="principled",
+    sigma_s=0.0,
+    pre_values=True,
+    value_projections=1,
+)
+# kind -> (its class, a valid non-default memory of that kind, a field of another kind with a value)
+KINDS = {
+    "none": (MemoryConfig, {}, ("n_slots", 4096)),
+    "pkm": (PKMConfig, dict(n_slots=256, topk=8, layers=[1], query_norm="batchnorm"), ("rank", 7)),
+    "peer": (PEERConfig, dict(n_slots=256, heads=2, activation="gelu"), ("d_value", 64)),
+    "ultramem": (UltraMemConfig, dict(skip=[[0, 2]], expansion=1, softmax=False), ("layers", [1])),
+    "ultramemv2": (UltraMemV2Config, dict(n_slots=1024, d_pre=24, value_init="paper"), ("query_norm", "layernorm")),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_loads_into_its_class_and_round_trips(tmp_path, kind):
+    cls, memory, _ = KINDS[kind]
+    config = load_config(write(tmp_path, {"model": {"memory": {"kind": kind, **memory}}}))
+    assert type(config.model.memory) is cls and MEMORY_CONFIGS[kind] is cls
+    assert config.model.memory == cls(**memory)  # every other field at its default
+    assert sorted(config.to_dict()["model"]["memory"]) == sorted(f.name for f in dataclasses.fields(cls))
+    assert config_from_dict(json.loads(config.to_json())) == config
+    assert config_from_dict(json.loads(config.to_json()), saved=True) == config
+    config.save_json(tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("via", ["yaml", "--set"])
+def test_a_field_of_another_kind_is_rejected_with_its_name(tmp_path, kind, via):
+    cls, memory, (field, value) = KINDS[kind]
+    assert field not in {f.name for f in dataclasses.fields(cls)} and field in MEMORY_DEFAULTS
+    data = {"model": {"memory": {"kind": kind, **memory}}}
+    if via == "yaml":
+        data["model"]["memory"][field] = value
+    overrides = [f"model.memory.{field}={json.dumps(value)}"] if via == "--set" else []
+    message = rf"^model\.memory\.{field} is not a field of kind '{kind}' \(its fields: .*\bkind\b"
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path, data), overrides)
+    if field != "n_slots":  # a foreign field is an error at its default value too
+        data["model"]["memory"][field] = MEMORY_DEFAULTS[field]
+        with pytest.raises(ValueError, match=message):
+            config_from_dict(data)
+
+
+def test_the_kind_can_change_with_set_and_an_unknown_memory_key_is_named(tmp_path):
+    path = write(tmp_path, {"model": {"memory": {"kind": "pkm", "n_slots": 256, "topk": 8}}})
+    config = load_config(path, ["model.memory.kind=ultramemv2", "model.memory.rank=3"])
+    assert config.model.memory == UltraMemV2Config(n_slots=256, topk=8, rank=3)
+    with pytest.raises(ValueError, match=r"unknown config key 'model\.memory\.rnak' in --set"):
+        load_config(path, ["model.memory.rnak=3"])
+    with pytest.raises(ValueError, match=r"model\.memory\.kind must be one of \('none', 'pkm'"):
+        load_config(path, ["model.memory.kind=pkn"])
+    with pytest.raises(ValueError, match=r"model\.memory\.kind of a PKMConfig must be 'pkm', got 'peer'"):
+        ModelConfig(memory=PKMConfig(kind="peer")).validate()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_config_saved_in_the_old_format_still_loads(kind):
+    cls, memory, _ = KINDS[kind]
+    old = {**OLD_MEMORY, "kind": kind, **memory}
+    saved = {"model": {"n_layer": 4, "memory": old}, "train": {"lr": 2e-3}}
+    config = config_from_dict(json.loads(json.dumps(saved)), saved=True)
+    assert config.model.memory == cls(**memory) and config.train.lr == 2e-3
+    with pytest.raises(ValueError, match=r"is not a field of kind"):  # a user's config may not do this
+        config_from_dict(json.loads(json.dumps(saved)))
+    field, value = KINDS[kind][2]
+    if value != OLD_MEMORY[field]:  # a foreign field that held a value is never dropped silently
+        saved["model"]["memory"][field] = value
+        with pytest.raises(ValueError, match=rf"model\.memory\.{field} is not a field of kind '{kind}' and differs"):
+            config_from_dict(saved, saved=True)
+
+
+def test_an_old_format_checkpoint_and_results_file_still_load(tmp_path, monkeypatch):
+    from minimem.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from minimem.model import GPT
+    from minimem_tools.experiments.runner import _config_key
+
+    memory = dict(kind="pkm", n_slots=64, topk=4)
+    config = config_from_dict({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "memory": memory}})
+    old = config.to_dict()
+    old["model"]["memory"] = {**OLD_MEMORY, **memory}  # what Config.to_dict() wrote before the split
+    monkeypatch.setattr(Config, "to_json", lambda self: json.dumps(old, indent=2, sort_keys=True))
+    save_checkpoint(tmp_path, 1, GPT(config.model), None, config)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "ckpt-0000001" / "config.json").read_text())["model"]["memory"]["rank"] == 2
+    assert load_checkpoint(tmp_path).config == config
+    assert isinstance(load_model(tmp_path), GPT)
+    # results/*.json runs: --resume matches an old run's config to the same config written today
+    assert _config_key(old) == _config_key(config.to_dict())

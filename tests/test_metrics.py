@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minimem.config import MemoryConfig, ModelConfig
+from minimem.config import ModelConfig, PKMConfig
 from minimem.metrics import (
     kl_from_uniform,
     memory_modules,
@@ -69,7 +69,7 @@ def test_report_per_memory_layer_matches_manual_accumulation():
         n_embd=16,
         n_head=2,
         block_size=8,
-        memory=MemoryConfig(kind="pkm", n_slots=64, heads=2, topk=4, layers=[0, 2]),
+        memory=PKMConfig(n_slots=64, heads=2, topk=4, layers=[0, 2]),
     )
     torch.manual_seed(0)
     model = GPT(config).train()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimem.config import MemoryConfig, ModelConfig
+from minimem.config import ModelConfig, PEERConfig, config_from_dict
 from minimem.model import GPT
 from minimem.peer import PEER
 
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def make_config(**memory):
     fields = dict(kind="peer", n_slots=25, heads=2, topk=3, d_key=6, activation="gelu")
     fields.update(memory)
-    return ModelConfig(n_embd=12, n_head=2, n_layer=2, block_size=8, memory=MemoryConfig(**fields))
+    config = ModelConfig(n_embd=12, n_head=2, n_layer=2, block_size=8, memory=PEERConfig(**fields))
+    config.validate()  # what loading does; the layer itself does not re-check
+    return config
 
 
 def make_peer(seed=0, **memory):
@@ -108,11 +110,11 @@ def test_peer_config_errors_name_the_field():
         PEER(make_config(n_slots=24), layer=0)
     with pytest.raises(ValueError, match=r"model.memory.topk \(m\) must be in \[1, n=5\]"):
         PEER(make_config(topk=6), layer=0)
-    with pytest.raises(ValueError, match=r"model.memory.d_value must be 0 or h=12 for kind 'peer'"):
-        PEER(make_config(d_value=6), layer=0)
+    with pytest.raises(ValueError, match=r"model.memory.d_value is not a field of kind 'peer'"):  # experts: R^h
+        config_from_dict({"model": {"memory": {"kind": "peer", "d_value": 6}}})
     with pytest.raises(ValueError, match=r"model.memory.activation must be one of"):
         PEER(make_config(activation="tanh"), layer=0)
-    with pytest.raises(ValueError, match=r"model.memory.kind must be 'peer' to build PEER"):
+    with pytest.raises(ValueError, match=r"model.memory.kind of a PEERConfig must be 'peer', got 'pkm'"):
         PEER(make_config(kind="pkm"), layer=0)
 
 
@@ -126,7 +128,7 @@ def test_gpt_with_peer_trains():
         n_head=4,
         block_size=32,
         ffn_hidden=86,
-        memory=MemoryConfig(kind="peer", n_slots=256, heads=2, topk=8, activation="gelu"),
+        memory=PEERConfig(n_slots=256, heads=2, topk=8, activation="gelu"),
     )
     torch.manual_seed(0)
     model = GPT(config)

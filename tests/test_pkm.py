@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimem.config import MemoryConfig, ModelConfig
+from minimem.config import ModelConfig, PKMConfig
 from minimem.model import GPT
 from minimem.pkm import PKM
 
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def make_config(**memory):
     fields = dict(kind="pkm", n_slots=36, heads=2, topk=4, d_key=8)
     fields.update(memory)
-    return ModelConfig(n_embd=16, n_head=2, n_layer=2, block_size=8, memory=MemoryConfig(**fields))
+    config = ModelConfig(n_embd=16, n_head=2, n_layer=2, block_size=8, memory=PKMConfig(**fields))
+    config.validate()  # what loading does; the layer itself does not re-check
+    return config
 
 
 def make_pkm(seed=0, **memory):
@@ -181,7 +183,7 @@ def test_pkm_config_errors_name_the_field():
         PKM(make_config(n_slots=40), layer=0)
     with pytest.raises(ValueError, match=r"model.memory.topk \(m\) must be in \[1, n=6\]"):
         PKM(make_config(topk=7), layer=0)
-    with pytest.raises(ValueError, match=r"model.memory.kind must be 'pkm' to build PKM"):
+    with pytest.raises(ValueError, match=r"model.memory.kind of a PKMConfig must be 'pkm', got 'peer'"):
         PKM(make_config(kind="peer"), layer=0)
     with pytest.raises(ValueError, match=r"model.memory.query_norm must be one of"):
         PKM(make_config(query_norm="rmsnorm"), layer=0)
@@ -225,7 +227,7 @@ def test_gpt_with_pkm_trains():
         n_head=4,
         block_size=32,
         ffn_hidden=86,
-        memory=MemoryConfig(kind="pkm", n_slots=256, heads=2, topk=8),
+        memory=PKMConfig(n_slots=256, heads=2, topk=8),
     )
     model, losses = train_losses(config)
     pkm = model.blocks[1].ffn

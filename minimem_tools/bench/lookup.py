@@ -49,7 +49,7 @@ PEAK_GBPS = [
     ("RTX 3090", 936.0),
 ]
 
-# [UM2] Table 10 (Specification §4): N = n^2 slots, m, D_v, D_p; c = 2 scoring cores (MemoryConfig default).
+# [UM2] Table 10 (Specification §4): N = n^2 slots, m, D_v, D_p; c = 2 scoring cores (UltraMemV2Config default).
 CONFIGS = {
     "227m": dict(N=360**2, m=32, d_value=192, d_pre=192, cores=2),
     "1b": dict(N=528**2, m=128, d_value=768, d_pre=384, cores=2),

@@ -156,7 +156,7 @@ def module_breakdown(config: dict, reps: int = 5) -> list[tuple[str, float]]:
     from minimem.config import config_from_dict
     from minimem.model import GPT
 
-    cfg = config_from_dict(config)
+    cfg = config_from_dict(config, saved=True)  # a results file may hold an older saved config
     block = GPT(cfg.model).blocks[0]
     B, T, h = cfg.train.batch_size, cfg.model.block_size, cfg.model.n_embd
     x = torch.randn(B, T, h, generator=torch.Generator().manual_seed(0))
@@ -190,7 +190,7 @@ def inference_throughput(configs: dict[str, dict], rounds: int, reps: int) -> di
     from minimem_tools.experiments.runner import mean_std
 
     x, _ = bench_step.fixed_batch()
-    models = {name: GPT(config_from_dict(cfg).model).eval() for name, cfg in configs.items()}
+    models = {name: GPT(config_from_dict(cfg, saved=True).model).eval() for name, cfg in configs.items()}
     rates: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():

@@ -278,7 +278,7 @@ def _config_key(config: Any) -> str:
 
     config = _json_safe(config)
     try:
-        config = _json_safe(config_from_dict(json.loads(json.dumps(config))).to_dict())
+        config = _json_safe(config_from_dict(json.loads(json.dumps(config)), saved=True).to_dict())
     except (TypeError, ValueError, KeyError):
         pass
     return json.dumps(config, sort_keys=True)
