@@ -17,7 +17,7 @@ from typing import Optional
 from minimem.checkpoint import latest_checkpoint
 from minimem.config import Config, load_config
 from minimem.train import DiskFull, SetupError, TrainingDiverged, train
-from minimem_tools.cli import ArgumentParser
+from minimem_tools.cli import ArgumentParser, usage_error
 
 
 def build_parser() -> ArgumentParser:
@@ -67,13 +67,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(parser.prog, str(err))
     try:
         train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except SetupError as err:  # bad config, --out, dataset, device or checkpoint: no traceback
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(parser.prog, str(err))
     except (TrainingDiverged, DiskFull) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
