@@ -73,7 +73,7 @@ def declared_requirements() -> dict[str, str]:
 
     for line in metadata.requires("minimem") or []:
         req = Requirement(line)
-        if req.name in PACKAGES and req.marker is None:
+        if req.name in PACKAGES and (req.marker is None or req.marker.evaluate({"extra": ""})):
             specs[req.name] = str(req.specifier)
     return specs
 
