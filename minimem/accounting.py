@@ -26,7 +26,6 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -34,7 +33,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from minimem.config import ModelConfig, memory_layers
+from minimem.config import ModelConfig, TuckerMemoryConfig, UltraMemV2Config, memory_layers
 from minimem.ffn import MoE, SwiGLU
 from minimem.model import GPT
 from minimem.ultramemv2 import ring_groups
@@ -76,35 +75,10 @@ class _Structure:
 
 
 def build_meta(config: ModelConfig) -> nn.Module:
-    """The GPT for ``config`` on the meta device: shapes only, nothing allocated, no init run.
-
-    Memory initialisations that need real numbers (UltraMem's SVD of the core, UltraMemV2's
-    Monte Carlo score calibration) are skipped: every ``reset_memory_parameters`` of a minimem
-    module is a no-op while building. Falls back to a real CPU build if meta still fails.
-    """
-    try:
-        with torch.device("meta"), _skip_memory_init():
-            return GPT(config)
-    except (RuntimeError, NotImplementedError):
+    """The GPT for ``config`` on the meta device: shapes only, nothing allocated, no initialisation
+    run (the layers skip theirs on the meta device, :func:`minimem.init.on_meta_device`)."""
+    with torch.device("meta"):
         return GPT(config)
-
-
-@contextlib.contextmanager
-def _skip_memory_init():
-    classes, stack = [], [nn.Module]
-    while stack:  # every nn.Module subclass defined in minimem with its own reset_memory_parameters
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        if cls.__module__.startswith("minimem.") and "reset_memory_parameters" in cls.__dict__:
-            classes.append(cls)
-    saved = [(cls, cls.__dict__["reset_memory_parameters"]) for cls in classes]
-    try:
-        for cls, _ in saved:
-            cls.reset_memory_parameters = lambda self: None
-        yield
-    finally:
-        for cls, fn in saved:
-            cls.reset_memory_parameters = fn
 
 
 def _as_model(model_or_config) -> nn.Module:
@@ -227,6 +201,7 @@ def memory_dims(config: ModelConfig) -> dict:
     """Resolved memory sizes: n, D_k, D_v, D_p (:meth:`minimem.config.MemoryConfig.widths`), H, m, r, c, E."""
     mem, h = config.memory, config.n_embd
     d_key, d_value, d_pre = mem.widths(h)
+    tucker = isinstance(mem, TuckerMemoryConfig)
     return dict(
         N=mem.n_slots,
         n=math.isqrt(mem.n_slots),
@@ -235,9 +210,9 @@ def memory_dims(config: ModelConfig) -> dict:
         d_key=d_key,
         d_value=d_value,
         d_pre=d_pre,
-        r=getattr(mem, "rank", 0),  # r, c, E: 0 for the kinds without them (pkm, peer)
-        c=getattr(mem, "cores", 0),
-        E=getattr(mem, "value_projections", getattr(mem, "expansion", 0)),
+        r=mem.rank if tucker else 0,  # r, c, E: 0 for the kinds without Tucker retrieval (pkm, peer)
+        c=mem.cores if tucker else 0,
+        E=mem.value_blocks() if tucker else 0,
         h=h,
     )
 
@@ -323,7 +298,7 @@ def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
         return _router_parameters(config) + 2 * N * h
     if kind == "ultramem":  # own RMSNorm + TDQKR over E N virtual slots + values + E projections
         return h + _tucker_parameters(config, math.isqrt(d["E"]) * n) + N * Dv + d["E"] * Dv * h
-    if kind == "ultramemv2":  # TDQKR over the (E x) ring table + W_p (h -> D_p) + W (E D_v -> h) + N rows of V, P
+    if isinstance(config.memory, UltraMemV2Config):  # TDQKR over the ring table, W_p, W, N rows of V and P
         n_keys = math.isqrt(d["E"] * _ring_rows(config, layer))
         return _tucker_parameters(config, n_keys) + h * Dp + d["E"] * Dv * h + N * (Dv + Dp)
     raise ValueError(f"model.memory.kind must be one of pkm, peer, ultramem, ultramemv2, got {kind!r}")
@@ -389,7 +364,7 @@ def memory_layer_flops(config: ModelConfig, layer: int) -> int:
     if kind == "ultramem":
         # TDQKR + weighted read of H m rows (each element times its core's score) + E projections
         return sum(tucker_flops(config, math.isqrt(d["E"]) * n).values()) + 2 * H * m * Dv + 2 * d["E"] * Dv * h
-    if kind == "ultramemv2":
+    if isinstance(config.memory, UltraMemV2Config):
         return sum(memory_flops_per_token(config, layer).values())
     raise ValueError(f"model.memory.kind must be one of pkm, peer, ultramem, ultramemv2, got {kind!r}")
 
@@ -470,10 +445,7 @@ def bytes_read(model_or_config: Union[nn.Module, ModelConfig], batch_tokens: int
 
 def _memory_rows(module: nn.Module) -> Optional[torch.Tensor]:
     """Physical value-table rows a memory module read in its last forward."""
-    rows = getattr(module, "last_rows", None)  # modules that remap virtual slots may expose this
-    if rows is None:
-        rows = getattr(module, "last_indices", None)
-    return rows
+    return getattr(module, "last_indices", None)
 
 
 @torch.no_grad()

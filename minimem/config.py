@@ -44,93 +44,38 @@ def check_range(where: str, value, low, high=None) -> None:
 # ``MemoryConfig`` itself is ``kind="none"``: no memory. Widths left at 0 take the kind's default from the
 # model width h (documented per field). Fields shared by kinds keep one default everywhere.
 
-MEMORY_KINDS = ("none", "pkm", "peer", "ultramem", "ultramemv2")
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 VALUE_INITS = ("principled", "std0.02", "naive", "paper")
 ACTIVATIONS = ("none", "gelu", "relu", "sigmoid", "silu")
 
 
+def check_choice(where: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where} must be one of {allowed}, got {value!r}")
+
+
+def check_square(where: str, value: int, what: str = "") -> None:
+    if math.isqrt(value) ** 2 != value:
+        raise ValueError(f"{where} must be a perfect square{what}, got {value}")
+
+
 @dataclass
 class MemoryConfig:
-    """No memory (``kind: none``); the base of the per-kind classes, which validate their own fields."""
+    """No memory (``kind: none``); the base of the per-kind classes, each validating its own fields."""
 
     kind: str = "none"
 
     def widths(self, h: int) -> tuple[int, int, int]:
-        """(D_k, D_v, D_p) with the defaults filled in (the one place they are resolved): D_k = h/2
-        (the [UM2] rule), D_v = h, D_p = D_v / 3 (the 1:3 split). D_p is 0 where the layer has no
-        pre-values: every kind but ultramemv2, and ultramemv2 with ``pre_values`` off."""
-        d_value = getattr(self, "d_value", 0) or h
-        d_pre = (self.d_pre or d_value // 3) if getattr(self, "pre_values", False) else 0
-        return getattr(self, "d_key", 0) or h // 2, d_value, d_pre
+        """(D_k, D_v, D_p) with the defaults filled in: the one place they are resolved (here and in
+        the subclasses that have the fields): D_k = h/2 (the [UM2] rule), D_v = h, D_p = D_v / 3."""
+        return h // 2, h, 0
 
-    def validate(self, model) -> None:  # model: ModelConfig; each check runs where the kind has the field
+    def validate(self, model) -> None:  # model: ModelConfig
         if MEMORY_CONFIGS.get(self.kind) is not type(self):
             use = f"; use {MEMORY_CONFIGS[self.kind].__name__}" if self.kind in MEMORY_CONFIGS else ""
             raise ValueError(
                 f"model.memory.kind of a {type(self).__name__} must be {type(self).kind!r}, got {self.kind!r}{use}"
             )
-        for layer in getattr(self, "layers", []):
-            if not 0 <= layer < model.n_layer:
-                raise ValueError(
-                    f"model.memory.layers entries must be in [0, model.n_layer={model.n_layer}), got {layer}"
-                )
-        if self.kind == "none":
-            return
-        check_range("model.memory.n_slots", self.n_slots, 1, MAX_SLOTS)
-        for name in ("heads", "rank", "cores", "expansion", "ring_group", "value_projections"):
-            if hasattr(self, name):
-                check_range(f"model.memory.{name}", getattr(self, name), 1, MAX_SIZE)
-        for name in ("d_key", "d_value", "d_pre"):  # 0: the kind's default width
-            if hasattr(self, name):
-                check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
-        check_range("model.memory.sigma_s", getattr(self, "sigma_s", 0.0), 0.0)
-        n = math.isqrt(self.n_slots)
-        if n * n != self.n_slots:
-            raise ValueError(f"model.memory.n_slots must be a perfect square (N = n^2), got {self.n_slots}")
-        if not 1 <= self.topk <= n:
-            raise ValueError(f"model.memory.topk (m) must be in [1, n={n}] where n = sqrt(n_slots), got {self.topk}")
-        d_key, d_value, d_pre = self.widths(model.n_embd)
-        if d_key % 2 != 0:
-            raise ValueError(f"model.memory.d_key must be even (split into two halves), got {d_key}")
-        if getattr(self, "pre_values", False) and d_pre < 1:
-            raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {d_pre}")
-        if d_value % getattr(self, "cores", 1) != 0:
-            raise ValueError(f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}")
-        if not isinstance(getattr(self, "pre_values", True), bool):
-            raise ValueError(f"model.memory.pre_values must be true or false, got {self.pre_values!r}")
-        if math.isqrt(e := getattr(self, "value_projections", 1)) ** 2 != e:
-            raise ValueError(
-                "model.memory.value_projections must be a perfect square >= 1 (1, 4, 9, ...), "
-                f"got {self.value_projections}"
-            )
-        for name, allowed in (("query_norm", QUERY_NORMS), ("value_init", VALUE_INITS), ("activation", ACTIVATIONS)):
-            if getattr(self, name, allowed[0]) not in allowed:
-                raise ValueError(f"model.memory.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for pair in getattr(self, "skip", []):
-            if len(pair) != 2:
-                raise ValueError(f"model.memory.skip entries must be [i, j] pairs, got {pair}")
-            i, j = pair
-            if not (0 <= i < model.n_layer and 0 <= j < model.n_layer):
-                raise ValueError(f"model.memory.skip pair {pair} must name blocks in [0, {model.n_layer})")
-            if j <= i:
-                raise ValueError(
-                    f"model.memory.skip pair [i, j] = {pair} needs j > i (skip-layer reads at i, adds at j)"
-                )
-        if self.kind == "ultramem":
-            if not self.skip:
-                raise ValueError("model.memory.skip must list at least one [i, j] pair for kind 'ultramem'")
-            if math.isqrt(self.expansion) ** 2 != self.expansion:
-                raise ValueError(f"model.memory.expansion (E) must be a perfect square, got {self.expansion}")
-        if self.kind == "ultramemv2":  # each ring group's E x G x N virtual slots form a square key grid
-            layers = sorted(memory_layers(model))
-            for size in {len(layers[i : i + self.ring_group]) for i in range(0, len(layers), self.ring_group)}:
-                if math.isqrt(virtual := self.value_projections * size * self.n_slots) ** 2 != virtual:
-                    raise ValueError(
-                        "model.memory.value_projections x model.memory.ring_group x model.memory.n_slots (the "
-                        f"virtual slots of this {size}-layer group, addressed by a square key grid; use ring_group "
-                        f"in 1, 4, 9, ...) must be a perfect square, got {virtual}"
-                    )
 
 
 @dataclass
@@ -144,6 +89,28 @@ class SlotMemoryConfig(MemoryConfig):
     # softmax over the m scores: [PKM]/[PEER] use it; [UM] removed it (set false, as the ultramem configs do)
     softmax: bool = True
 
+    def widths(self, h: int) -> tuple[int, int, int]:
+        return self.d_key or h // 2, getattr(self, "d_value", 0) or h, 0
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_range("model.memory.n_slots", self.n_slots, 1, MAX_SLOTS)
+        check_range("model.memory.heads", self.heads, 1, MAX_SIZE)
+        for name in ("d_key", "d_value", "d_pre"):  # 0: the kind's default width
+            if hasattr(self, name):
+                check_range(f"model.memory.{name}", getattr(self, name), 0, MAX_SIZE)
+        check_square("model.memory.n_slots", self.n_slots, " (N = n^2)")
+        n = math.isqrt(self.n_slots)
+        if not 1 <= self.topk <= n:
+            raise ValueError(f"model.memory.topk (m) must be in [1, n={n}] where n = sqrt(n_slots), got {self.topk}")
+        if self.widths(model.n_embd)[0] % 2 != 0:
+            raise ValueError(f"model.memory.d_key must be even (split into two halves), got {self.d_key}")
+        for layer in getattr(self, "layers", []):
+            if not 0 <= layer < model.n_layer:
+                raise ValueError(
+                    f"model.memory.layers entries must be in [0, model.n_layer={model.n_layer}), got {layer}"
+                )
+
 
 @dataclass
 class PKMConfig(SlotMemoryConfig):
@@ -153,6 +120,10 @@ class PKMConfig(SlotMemoryConfig):
     layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> the middle block
     d_value: int = 0  # D_v value width; 0 -> h
     query_norm: str = "layernorm"  # "layernorm", "batchnorm" ([PKM]) or "none"
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_choice("model.memory.query_norm", self.query_norm, QUERY_NORMS)
 
 
 @dataclass
@@ -164,41 +135,102 @@ class PEERConfig(SlotMemoryConfig):
     query_norm: str = "layernorm"  # "layernorm", "batchnorm" ([PKM]) or "none"
     activation: str = "none"  # expert activation on <u_i, x>
 
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_choice("model.memory.query_norm", self.query_norm, QUERY_NORMS)
+        check_choice("model.memory.activation", self.activation, ACTIVATIONS)
+
 
 @dataclass
-class UltraMemConfig(SlotMemoryConfig):
+class TuckerMemoryConfig(SlotMemoryConfig):
+    """The fields of Tucker-decomposed retrieval with multi-core scoring ([UM] §3.1-3.2)."""
+
+    d_value: int = 0  # D_v value width; 0 -> h
+    rank: int = 2  # r, Tucker rank of TDQKR
+    cores: int = 2  # c, multi-core scoring cores
+
+    def value_blocks(self) -> int:
+        """E: value blocks, each with its own output projection (UltraMem's implicit value expansion)."""
+        return 1
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_range("model.memory.rank", self.rank, 1, MAX_SIZE)
+        check_range("model.memory.cores", self.cores, 1, MAX_SIZE)
+        d_value = self.widths(model.n_embd)[1]
+        if d_value % self.cores != 0:
+            raise ValueError(f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}")
+
+
+@dataclass
+class UltraMemConfig(TuckerMemoryConfig):
     """UltraMem [UM]: skip-layer memories reading before block i, adding after block j > i."""
 
     kind: str = "ultramem"
     skip: list[list[int]] = field(default_factory=list)  # [[i, j], ...] read before i, add after j > i
-    d_value: int = 0  # D_v value width; 0 -> h
-    rank: int = 2  # r, Tucker rank of TDQKR
-    cores: int = 2  # c, multi-core scoring cores
     expansion: int = 4  # E, implicit value expansion (a perfect square)
+
+    def value_blocks(self) -> int:
+        return self.expansion
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_range("model.memory.expansion", self.expansion, 1, MAX_SIZE)
+        check_square("model.memory.expansion (E)", self.expansion)
+        if not self.skip:
+            raise ValueError("model.memory.skip must list at least one [i, j] pair for kind 'ultramem'")
+        for pair in self.skip:
+            if len(pair) != 2:
+                raise ValueError(f"model.memory.skip entries must be [i, j] pairs, got {pair}")
+            i, j = pair
+            if not (0 <= i < model.n_layer and 0 <= j < model.n_layer):
+                raise ValueError(f"model.memory.skip pair {pair} must name blocks in [0, {model.n_layer})")
+            if j <= i:
+                raise ValueError(
+                    f"model.memory.skip pair [i, j] = {pair} needs j > i (skip-layer reads at i, adds at j)"
+                )
 
 
 @dataclass
-class UltraMemV2Config(SlotMemoryConfig):
+class UltraMemV2Config(TuckerMemoryConfig):
     """UltraMemV2 [UM2] beside the FFN of its blocks (:class:`minimem.ultramemv2.UltraMemV2`)."""
 
     kind: str = "ultramemv2"
     layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> every block
-    d_value: int = 0  # D_v value width; 0 -> h
     d_pre: int = 0  # D_p pre-value width; 0 -> d_value / 3 (the 1:3 split)
-    rank: int = 2  # r, Tucker rank of TDQKR
-    cores: int = 2  # c, multi-core scoring cores
-    activation: str = "none"  # pre-value activation (none = the paper's choice)
     ring_group: int = 1  # layers per group sharing one value table in a ring
     value_init: str = "principled"  # value/pre-value init (minimem.init)
     sigma_s: float = 0.0  # top-m score spread; 0 -> estimated by Monte Carlo at init
-    # Ablation switches of UltraMemV2's changes 2 and 3 ([UM2] §4; the defaults are the paper's layer):
-    pre_values: bool = True  # False -> plain values, o = W^T sum_i s_i V_i (no P, no W_p)
-    value_projections: int = 1  # E > 1 (a perfect square) -> UltraMem's E per-block projections
+
+    def widths(self, h: int) -> tuple[int, int, int]:
+        d_key, d_value, _ = super().widths(h)
+        return d_key, d_value, self.d_pre or d_value // 3
+
+    def key_grid_slots(self, group_size: int) -> int:
+        """Slots the key grid of a ring group of ``group_size`` layers addresses (a perfect square)."""
+        return self.value_blocks() * group_size * self.n_slots
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        check_range("model.memory.ring_group", self.ring_group, 1, MAX_SIZE)
+        check_range("model.memory.sigma_s", self.sigma_s, 0.0)
+        check_choice("model.memory.value_init", self.value_init, VALUE_INITS)
+        if UltraMemV2Config.widths(self, model.n_embd)[2] < 1:  # the paper's D_p, in subclasses too
+            raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {self.d_pre}")
+        layers = sorted(memory_layers(model))
+        for size in {len(layers[i : i + self.ring_group]) for i in range(0, len(layers), self.ring_group)}:
+            if math.isqrt(slots := self.key_grid_slots(size)) ** 2 != slots:
+                raise ValueError(
+                    f"the key grid of a {size}-layer ring group addresses {slots} slots, which must be a perfect "
+                    "square: use model.memory.ring_group in 1, 4, 9, ... (with n_slots a perfect square)"
+                )
 
 
-MEMORY_CONFIGS = dict(zip(MEMORY_KINDS, (MemoryConfig, PKMConfig, PEERConfig, UltraMemConfig, UltraMemV2Config)))
-# Every memory field and its default (one per name): what a config saved before the split held for all kinds.
+MEMORY_CONFIGS = {c.kind: c for c in (MemoryConfig, PKMConfig, PEERConfig, UltraMemConfig, UltraMemV2Config)}
+# Every memory field and its default (one per name): what a config saved before the split held for all kinds,
+# including the UltraMemV2 ablation switches that now live with the experiments.
 MEMORY_DEFAULTS = {f.name: getattr(c(), f.name) for c in MEMORY_CONFIGS.values() for f in fields(c) if f.name != "kind"}
+MEMORY_DEFAULTS.update(pre_values=True, value_projections=1)
 
 
 def memory_layers(config: "ModelConfig") -> list[int]:
@@ -208,7 +240,7 @@ def memory_layers(config: "ModelConfig") -> list[int]:
         return list(mem.layers)
     if mem.kind in ("pkm", "peer"):
         return [config.n_layer // 2]
-    if mem.kind == "ultramemv2":
+    if isinstance(mem, UltraMemV2Config):
         return list(range(config.n_layer))
     return []
 
@@ -375,7 +407,7 @@ def _memory_class(data: dict, where: str, saved: bool) -> tuple[type, dict]:
     saved before the per-kind split holds at their defaults (``saved``); any other such field is an error."""
     kind = _coerce(data.get("kind", "none"), str, f"{where}.kind")
     if kind not in MEMORY_CONFIGS:
-        raise ValueError(f"{where}.kind must be one of {MEMORY_KINDS}, got {kind!r}")
+        raise ValueError(f"{where}.kind must be one of {tuple(MEMORY_CONFIGS)}, got {kind!r}")
     own = sorted(f.name for f in fields(MEMORY_CONFIGS[kind]))
     foreign = [key for key in data if key not in own and key in MEMORY_DEFAULTS]
     for key in foreign:

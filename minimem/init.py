@@ -201,6 +201,12 @@ def plain_value_std(
     return math.sqrt(target_variance * dim / (LINEAR_GAIN * second_moment * topk * heads * d_value))
 
 
+def on_meta_device(module: torch.nn.Module) -> bool:
+    """True when ``module``'s parameters live on the meta device (shapes only, for counting): nothing
+    there to initialise or calibrate, so the layers skip their initialisation."""
+    return any(p.is_meta for p in module.parameters())
+
+
 @torch.no_grad()
 def estimate_score_moments(retrieval, n_tokens: int = 4096, seed: int = 0) -> tuple[float, float]:
     """Monte Carlo (mean, sigma_s) of the per-core top-m scores of ``retrieval`` on N(0, I) inputs.
@@ -234,4 +240,5 @@ __all__ = [
     "printed_value_std",
     "plain_value_std",
     "estimate_score_moments",
+    "on_meta_device",
 ]

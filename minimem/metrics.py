@@ -74,7 +74,7 @@ def usage_metrics(indices: torch.Tensor, n_slots: int, weights: Optional[torch.T
     return out
 
 
-def memory_modules(model: torch.nn.Module) -> dict:
+def named_memory_modules(model: torch.nn.Module) -> dict:
     """{qualified name: module} for every module exposing ``n_slots`` and ``last_indices``."""
     return {
         name: module
@@ -100,7 +100,7 @@ def memory_usage_report(model: torch.nn.Module, batches: Iterable, max_batches: 
     ``{name: {'n_slots', 'usage', 'kl_unweighted', 'kl_weighted'}}``; 'kl_weighted' only for
     layers with ``last_weights``. The model's training mode is restored afterwards.
     """
-    layers = memory_modules(model)
+    layers = named_memory_modules(model)
     if not layers:
         raise ValueError("model has no memory layer (no module with n_slots and last_indices)")
     hits = {name: None for name in layers}

@@ -18,18 +18,19 @@ define ``reset_memory_parameters()``, called after the generic GPT-2 initialisat
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimem.config import ModelConfig, memory_layers
+from minimem.config import MEMORY_CONFIGS, ModelConfig, UltraMemV2Config, memory_layers
 from minimem.ffn import MoE, SwiGLU
+from minimem.init import on_meta_device
 from minimem.peer import PEER
 from minimem.pkm import PKM
 from minimem.ultramem import UltraMem
-from minimem.ultramemv2 import UltraMemV2
+from minimem.ultramemv2 import UltraMemV2, ring_tables
 
 
 class RMSNorm(nn.Module):
@@ -59,12 +60,38 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, heads, T, head_dim)
-        T = x.shape[-2]
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, heads, T, head_dim)
+        positions = slice(start, start + x.shape[-2])  # absolute positions: a cached decode step starts late
         dtype = torch.promote_types(x.dtype, torch.float32)  # complex64, or complex128 for float64
-        rotation = torch.complex(self.cos[:T].to(dtype), self.sin[:T].to(dtype))  # e^{j t theta_i}
+        rotation = torch.complex(self.cos[positions].to(dtype), self.sin[positions].to(dtype))  # e^{j t theta_i}
         pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a :class:`KVCache`: key and value buffers, and how many positions they hold."""
+
+    k: torch.Tensor  # (B, heads, block_size, head_dim)
+    v: torch.Tensor
+    start: int
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for decoding one token at a time.
+
+    ``GPT.forward(idx, cache=cache)`` gives ``idx`` the positions [length, length + T): each
+    attention layer writes its keys and values there and attends to all of [0, length + T); then
+    ``length`` moves on by T. Only attention needs a cache: FFN, MoE and memory layers are per token.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, dtype=torch.float32, device=None):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.length)
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,11 +105,19 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, config.block_size, config.rope_base)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
         B, T, C = x.shape
+        start = 0 if cache is None else cache.start  # position of x's first token
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        mask = None  # start 0: SDPA's square causal mask; one new token: it sees every cached key
+        if cache is not None:
+            cache.k[:, :, start : start + T], cache.v[:, :, start : start + T] = k, v
+            k, v = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
+            if start > 0 and T > 1:  # query i sits at position start + i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -101,10 +136,22 @@ def build_ffn(config: ModelConfig, layer: int) -> nn.Module:
     return SwiGLU(config.n_embd, config.ffn_hidden)
 
 
-def build_beside_ffn(config: ModelConfig, layer: int) -> Optional[nn.Module]:
-    """The memory added beside block ``layer``'s FFN (UltraMemV2), or None."""
-    if config.memory.kind == "ultramemv2" and layer in memory_layers(config):
-        return UltraMemV2(config, layer)
+# Memory layers that sit beside the FFN, by config class. The experiments register their UltraMemV2
+# variants here (with their own config kind); the library knows only the paper's layer.
+BESIDE_FFN: dict[type, type] = {UltraMemV2Config: UltraMemV2}
+
+
+def register_beside_ffn(config_class: type, layer_class: type) -> None:
+    """Make ``kind: config_class.kind`` load as ``config_class`` and build ``layer_class`` beside the FFN."""
+    MEMORY_CONFIGS[config_class.kind] = config_class
+    BESIDE_FFN[config_class] = layer_class
+
+
+def build_beside_ffn(config: ModelConfig, layer: int, tables: dict) -> Optional[nn.Module]:
+    """The memory added beside block ``layer``'s FFN (UltraMemV2, reading ``tables[layer]``), or None."""
+    layer_class = BESIDE_FFN.get(type(config.memory))
+    if layer_class is not None and layer in memory_layers(config):
+        return layer_class(config, layer, tables[layer])
     return None
 
 
@@ -119,16 +166,16 @@ def build_skip_layers(config: ModelConfig) -> tuple[list[tuple[int, int]], list[
 class Block(nn.Module):
     """x += attn(norm(x)); h = norm(x); x += ffn(h) [+ memory(h)]."""
 
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, tables: Optional[dict] = None):
         super().__init__()
         self.norm1 = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.norm2 = RMSNorm(config.n_embd)
         self.ffn = build_ffn(config, layer)
-        self.memory = build_beside_ffn(config, layer)  # UltraMemV2, or None
+        self.memory = build_beside_ffn(config, layer, tables or {})  # UltraMemV2, or None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         h = self.norm2(x)
         out = self.ffn(h)
         if self.memory is not None:
@@ -143,7 +190,9 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        # UltraMemV2's ring-shared value tables: made here, one per ring group, and handed to the layers
+        tables = ring_tables(config) if isinstance(config.memory, UltraMemV2Config) else {}
+        self.blocks = nn.ModuleList([Block(config, i, tables) for i in range(config.n_layer)])
         # Skip-layer memories [UM]: (i, j, module) reads the residual before block i,
         # adds after block j.
         self.skip_pairs, skip_modules = build_skip_layers(config)
@@ -152,7 +201,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.reset_parameters()
+        if not on_meta_device(self):  # the meta device (parameter counting) has nothing to initialise
+            self.reset_parameters()
         self.last_ce_loss: Optional[torch.Tensor] = None
         self.last_aux_loss: Optional[torch.Tensor] = None
 
@@ -177,15 +227,20 @@ class GPT(nn.Module):
                 module.reset_memory_parameters()
 
     # ----------------------------------------------------------------- forward
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
         """Return ``(logits, loss)``. ``targets`` equal to -1 are ignored (answer-only masks).
 
         ``loss`` is the cross-entropy plus every auxiliary loss; the two parts are kept in
-        ``self.last_ce_loss`` and ``self.last_aux_loss``.
+        ``self.last_ce_loss`` and ``self.last_aux_loss``. With a :class:`KVCache` (inference),
+        ``idx`` continues the tokens the cache holds (see :mod:`minimem.generate`).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            what = f"sequence length {T}" if cache is None else f"{start} cached + {T} new positions"
+            raise ValueError(f"{what} exceeds model.block_size={self.config.block_size}")
+        if cache is not None and cache.k.shape[1] != B:
+            raise ValueError(f"the cache was made for batch size {cache.k.shape[1]}, got idx of batch size {B}")
         x = self.drop(self.tok_emb(idx))
         pending: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
@@ -193,9 +248,11 @@ class GPT(nn.Module):
                 if src == i:
                     out = mem(x)
                     pending[dst] = pending[dst] + out if dst in pending else out
-            x = block(x)
+            x = block(x, None if cache is None else cache.layer(i))
             if i in pending:
                 x = x + pending.pop(i)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
@@ -219,20 +276,6 @@ class GPT(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "after_optimizer_step"):
                 module.after_optimizer_step()
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None):
-        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, T)."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        return idx
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -388,7 +388,7 @@ def communication_bytes(
     return out
 
 
-def summarize(log: list) -> dict:
+def summarise(log: list) -> dict:
     """Sum a :func:`record_communication` log by collective name."""
     totals: dict = {}
     for name, nbytes in log:
@@ -566,7 +566,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ]
         errors = torch.stack(errors).to(torch.float64)
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        sent = summarize(log)
+        sent = summarise(log)
         if rank == 0:
             names = ["output", "value-slice grad", "score grad", "pre-value-slice grad", "pre_input grad"]
             print(

@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimem.init import on_meta_device
 from minimem.kernels import memory_lookup
 from minimem.tucker import rank1_cores, tucker_topk
 
@@ -203,7 +204,8 @@ class UltraMem(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(mem.n_slots, dtype=torch.long), persistent=False)
         self.last_indices = None
         self.last_scores = None
-        self.reset_memory_parameters()
+        if not on_meta_device(self):  # the meta device (parameter counting) has nothing to initialise
+            self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
         """Official UltraMem init (module docstring); the shuffle is kept."""

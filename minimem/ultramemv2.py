@@ -7,7 +7,7 @@ Five changes over UltraMem [UM] (Specification §4):
 2. One output projection W (D_v -> h) after pooling, instead of UltraMem's E projections.
 3. PEER-style pre-values: slot i has a pre-value row P_i (D_p) beside its value row V_i (D_v);
    with px = W_p x,   o = W^T sum_i s_i <P_i, px> V_i   (per multi-core-scoring slice),
-   with no activation on <P_i, px> (``memory.activation`` keeps one for the ablation).
+   with no activation on <P_i, px>.
 4. Principled initialisation (:mod:`minimem.init`): memory linear weights N(0, 2/(5h)),
    query/key norm gains calibrated so the mean top-m score is 1, and value / pre-value std
    sigma_V = (sigma_ffn^2 h / (0.16 (1 + sigma_s^2) D_p m H D_v))^(1/4), with sigma_s estimated
@@ -27,22 +27,18 @@ layers pools them into ONE table of G N rows (the same total parameters as unsha
 that every layer of the group addresses in full, through a key grid of sqrt(G N) sub-keys per
 side (so G N must be a perfect square: with N = n^2, G in {1, 4, 9, ...}). The layer at
 position k of its group has offset k N: its slot s reads row (shuffle[s] + k N) mod G N, i.e.
-its window starts at its own offset and wraps around the ring. The first layer of a group
-creates the table (a :class:`RingValueTable` registered as its submodule ``value_table``);
-the others of the same model reuse that very module, unregistered (parameters, state_dict and
-optimiser see it once). Layers must therefore be built in order, as ``GPT`` does.
-
-Ablation switches (defaults give the paper's layer): ``memory.pre_values = false`` removes change
-3 (plain values, o = W^T sum_i s_i V_i: no P, no W_p; the principled std is then
-:func:`minimem.init.plain_value_std`, sigma_V entering the output once);
-``memory.value_projections = E > 1`` undoes change 2 with UltraMem's implicit value expansion:
-the key grid addresses E x rows virtual slots, the shuffle maps a virtual slot to (block, row),
-the reads are pooled per block and W is E projections side by side (E D_v -> h), exactly as
-:class:`minimem.ultramem.UltraMem` does.
+its window starts at its own offset and wraps around the ring. The model makes one
+:class:`RingValueTable` per group (:func:`ring_tables`) and hands it to every layer of the
+group; the group's first layer registers it as its submodule ``value_table``, the others keep
+a plain reference (parameters, state_dict and optimiser see it once). A layer built alone
+makes its own table.
 
 ``value_init``: ``"principled"`` (fourth root, derived), ``"paper"`` (the formula as printed:
 sigma_V^2 = the same right-hand side), ``"std0.02"`` (the official code), ``"naive"`` (N(0, 1)).
 Only the table std differs between them; the other weights follow item 4 in all four.
+
+The ablations that undo changes 2 and 3 (E per-block projections, plain values, a gate
+activation) are subclasses that live with the experiments (``minimem_tools.experiments.ultramemv2_ablation``).
 
 Visualisation: ``last_indices`` (B, T, H m) table rows read, ``last_scores`` (B, T, H m, c),
 ``usage_counts`` (G N,) reads per table row since ``reset_usage()``.
@@ -51,53 +47,39 @@ Visualisation: ``last_indices`` (B, T, H m) table rows read, ``last_scores`` (B,
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minimem.config import memory_layers
 from minimem.init import (
     estimate_score_moments,
     ffn_output_variance,
     linear_std,
-    plain_value_std,
+    on_meta_device,
     principled_value_std,
     printed_value_std,
 )
 from minimem.kernels import memory_lookup
-from minimem.ultramem import (
-    SHUFFLE_SEED,
-    TuckerRetrieval,
-    pool_by_block,
-    seeded_permutation,
-    usage_update,
-)
+from minimem.ultramem import SHUFFLE_SEED, TuckerRetrieval, seeded_permutation, usage_update
 
-GATE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "silu": F.silu}
 MC_TOKENS = 2048  # Monte Carlo tokens for the score calibration and sigma_s
-
-# (id(model config), first layer of the group) -> the group's table, while a layer holds it
-_RING_TABLES: "weakref.WeakValueDictionary[tuple[int, int], RingValueTable]" = weakref.WeakValueDictionary()
 
 
 class RingValueTable(nn.Module):
-    """Value rows V (rows, D_v) and pre-value rows P (rows, D_p) shared by one ring group.
+    """Value rows V (rows, D_v) and pre-value rows P (rows, D_p) shared by the ring group ``layers``.
 
-    ``d_pre = 0`` (the plain-values ablation): no P, ``pre_values`` is None.
+    ``d_pre = 0``: no P (``pre_values`` is None), for the experiments' plain-values ablation.
     """
 
     def __init__(self, rows: int, d_value: int, d_pre: int, layers: tuple[int, ...]):
         super().__init__()
-        self.layers = layers
+        self.layers = tuple(layers)
         self.values = nn.Parameter(torch.empty(rows, d_value))
         self.values.is_memory_value = True
-        if d_pre > 0:
-            self.pre_values = nn.Parameter(torch.empty(rows, d_pre))
+        self.pre_values = nn.Parameter(torch.empty(rows, d_pre)) if d_pre > 0 else None
+        if self.pre_values is not None:
             self.pre_values.is_memory_value = True
-        else:
-            self.pre_values = None
 
 
 def ring_groups(config) -> list[list[int]]:
@@ -107,52 +89,56 @@ def ring_groups(config) -> list[list[int]]:
     return [layers[i : i + size] for i in range(0, len(layers), size)]
 
 
-class UltraMemV2(nn.Module):
-    """UltraMemV2 memory layer [UM2] beside the FFN of block ``layer``: (B, T, h) -> (B, T, h)."""
+def ring_tables(config) -> dict[int, RingValueTable]:
+    """layer -> its group's table: one :class:`RingValueTable` of G N rows per group, made by the model."""
+    _, d_value, d_pre = config.memory.widths(config.n_embd)
+    tables = {}
+    for group in ring_groups(config):
+        table = RingValueTable(len(group) * config.memory.n_slots, d_value, d_pre, tuple(group))
+        tables.update(dict.fromkeys(group, table))
+    return tables
 
-    def __init__(self, config, layer: int):
+
+class UltraMemV2(nn.Module):
+    """UltraMemV2 memory layer [UM2] beside the FFN of block ``layer``: (B, T, h) -> (B, T, h).
+
+    ``table``: the ring group's :class:`RingValueTable` (from :func:`ring_tables`); None makes one.
+    """
+
+    def __init__(self, config, layer: int, table: RingValueTable | None = None):
         super().__init__()
         mem = config.memory  # validated when loaded (ModelConfig.validate)
-        groups = ring_groups(config)
-        group = next((g for g in groups if layer in g), None)
+        group = next((g for g in ring_groups(config) if layer in g), None)
         if group is None:
             raise ValueError(
                 f"layer {layer} is not a memory layer: model.memory.layers resolves to {sorted(memory_layers(config))}"
             )
         self.config, self.layer, self.group = config, layer, tuple(group)
         h = config.n_embd
-        self.d_key, self.d_value, self.d_pre = config.memory.widths(config.n_embd)
+        self.d_key, self.d_value, self.d_pre = mem.widths(h)
         self.n_cores, self.heads, self.topk = mem.cores, mem.heads, mem.topk
-        self.activation = mem.activation
-        self.table_rows = len(group) * mem.n_slots
-        self.projections = mem.value_projections  # E: 1 in UltraMemV2, > 1 for the IVE ablation
-        n_keys = math.isqrt(self.projections * self.table_rows)  # a square grid (checked by the config)
-        self.offset = group.index(layer) * mem.n_slots
+        self.table_rows = len(group) * mem.n_slots  # G N rows on the ring
+        self.offset = group.index(layer) * mem.n_slots  # this layer's window starts at k N
+        self.owns_table = table is None or layer == group[0]  # a layer built alone makes and owns its table
+        if table is None:
+            table = RingValueTable(self.table_rows, self.d_value, self.d_pre, self.group)
+        if table.layers != self.group or table.values.shape != (self.table_rows, self.d_value):
+            raise ValueError(f"layer {layer} needs its group {self.group}'s table of {self.table_rows} rows")
+        if self.owns_table:
+            self.value_table = table  # registered once, by the group's first layer
+        else:
+            self.__dict__["_ring_table"] = table  # a plain attribute: not registered a second time
+        n_keys = math.isqrt(self.table_rows)  # a square key grid (checked by the config)
         self.retrieval = TuckerRetrieval(h, n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax)
         self.pre_proj = nn.Linear(h, self.d_pre, bias=False) if self.d_pre else None  # W_p
-        self.out_proj = nn.Linear(self.projections * self.d_value, h, bias=False)  # W (E blocks side by side)
-        key = (id(config), group[0])
-        shared = _RING_TABLES.get(key) if layer != group[0] else None
-        pre_shape = None if shared is None or shared.pre_values is None else tuple(shared.pre_values.shape)
-        if (
-            shared is None
-            or shared.values.shape != (self.table_rows, self.d_value)
-            or pre_shape != ((self.table_rows, self.d_pre) if self.d_pre else None)
-        ):
-            self.value_table = RingValueTable(self.table_rows, self.d_value, self.d_pre, self.group)
-            _RING_TABLES[key] = self.value_table
-            self.owns_table = True
-        else:
-            self.__dict__["_ring_table"] = shared  # plain attribute: not registered a second time
-            self.owns_table = False
-        self.register_buffer(
-            "shuffle", seeded_permutation(self.projections * self.table_rows, SHUFFLE_SEED + 104729 + layer)
-        )
+        self.out_proj = nn.Linear(self.d_value, h, bias=False)  # W
+        self.register_buffer("shuffle", seeded_permutation(self.table_rows, SHUFFLE_SEED + 104729 + layer))
         self.register_buffer("usage_counts", torch.zeros(self.table_rows, dtype=torch.long), persistent=False)
         self.last_indices = None
         self.last_scores = None
         self.score_mean = self.sigma_s = self.value_std = float("nan")
-        self.reset_memory_parameters()
+        if not on_meta_device(self):  # the meta device (parameter counting) has no numbers to calibrate
+            self.reset_memory_parameters()
 
     @property
     def table(self) -> RingValueTable:
@@ -163,7 +149,7 @@ class UltraMemV2(nn.Module):
         return self.table.values
 
     @property
-    def pre_values(self):  # None in the plain-values ablation
+    def pre_values(self):
         return self.table.pre_values
 
     # ----------------------------------------------------------------- initialisation
@@ -183,9 +169,9 @@ class UltraMemV2(nn.Module):
         self.sigma_s = mem.sigma_s if mem.sigma_s > 0 else sigma_s
         self.value_std = self.table_std()
         if self.owns_table:
-            nn.init.normal_(self.table.values, 0.0, self.value_std)
-            if self.table.pre_values is not None:
-                nn.init.normal_(self.table.pre_values, 0.0, self.value_std)
+            for table in (self.table.values, self.table.pre_values):
+                if table is not None:
+                    nn.init.normal_(table, 0.0, self.value_std)
 
     def table_std(self) -> float:
         """The value / pre-value std that ``memory.value_init`` asks for."""
@@ -194,16 +180,6 @@ class UltraMemV2(nn.Module):
             return 0.02
         if mode == "naive":
             return 1.0
-        if not self.d_pre and mode in ("principled", "paper"):  # plain values: sigma_V enters once, no 2nd vs 4th root
-            return plain_value_std(
-                ffn_output_variance(self.config),
-                self.sigma_s,
-                self.d_value,
-                self.topk,
-                self.heads,
-                self.config.n_embd,
-                self.score_mean,
-            )
         args = (
             ffn_output_variance(self.config),
             self.sigma_s,
@@ -227,32 +203,25 @@ class UltraMemV2(nn.Module):
         self.usage_counts.zero_()
 
     # ----------------------------------------------------------------- forward
+    def table_rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slots (any shape) -> table rows: the fixed shuffle, then this layer's window on the ring."""
+        return (self.shuffle[slots] + self.offset) % self.table_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, h = x.shape
         flat = x.reshape(B * T, h)
         scores, slots = self.retrieval(flat)  # (BT, Hm, c), (BT, Hm)
-        rows = self.shuffle[slots]
-        if self.projections > 1:  # IVE ablation: a virtual slot is (block, row)
-            block, rows = rows // self.table_rows, rows % self.table_rows
-        if self.offset:  # the layer's window on the ring starts at its offset and wraps
-            rows = (rows + self.offset) % self.table_rows
-        table = self.table
-        px = self.pre_proj(flat) if self.pre_proj is not None else None  # (BT, D_p)
-        if px is None or self.activation == "none":
-            weights, pre_values = scores, table.pre_values
-        else:  # ablation: act(<P_i, px>) needs the gate outside the fused lookup
-            ones = scores.new_ones(rows.numel(), 1, 1)
-            pre_rows = memory_lookup(table.pre_values, rows.reshape(-1, 1), ones).view(B * T, -1, self.d_pre)
-            gate = GATE_ACTIVATIONS[self.activation](torch.einsum("tmd,td->tm", pre_rows, px))
-            weights, pre_values, px = scores * gate.unsqueeze(-1), None, None
-        if self.projections == 1:
-            read = memory_lookup(table.values, rows, weights, pre_values, px)
-        else:  # the IVE ablation pools per block, as UltraMem
-            read = pool_by_block(table.values, rows, block, weights, self.projections, pre_values, px)
+        rows = self.table_rows_of(slots)  # (BT, Hm)
+        px = self.pre_proj(flat)  # (BT, D_p)
+        read = memory_lookup(self.table.values, rows, scores, self.table.pre_values, px)  # (BT, D_v)
+        self.record(rows, scores, B, T)
+        return self.out_proj(read).view(B, T, h)
+
+    def record(self, rows: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> None:
+        """Keep what the visualisations read: usage counts, last rows and scores."""
         usage_update(self.usage_counts, rows)
         self.last_indices = rows.detach().view(B, T, -1)
         self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
-        return self.out_proj(read).view(B, T, h)
 
 
-__all__ = ["UltraMemV2", "RingValueTable", "ring_groups", "GATE_ACTIVATIONS"]
+__all__ = ["UltraMemV2", "RingValueTable", "ring_groups", "ring_tables"]

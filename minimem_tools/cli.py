@@ -16,9 +16,11 @@ import sys
 COMMANDS = {
     "doctor": ("minimem_tools.doctor", "check python, torch, triton, numpy and the Triton interpreter"),
     "train": ("minimem_tools.train", "train a model from a YAML config"),
-    "bench": ("minimem_tools.bench", "benchmarks: lookup, retrieval, training, accounting"),
+    "generate": ("minimem_tools.generate", "sample text from a run folder's latest checkpoint"),
+    "bench": ("minimem_tools.bench", "benchmarks: lookup, retrieval, training, accounting, step, decode"),
     "experiment": ("minimem_tools.experiments", "run a named experiment and write its results"),
     "grade": ("minimem_tools.grading", "grade the exercises"),
+    "exercises": ("minimem_tools.exercises_cmd", "exercises init DIR: copy the exercise stubs and graders into DIR"),
 }
 
 

@@ -18,6 +18,7 @@ from minimem.checkpoint import latest_checkpoint
 from minimem.config import Config, load_config
 from minimem.train import DiskFull, SetupError, TrainingDiverged, train
 from minimem_tools.cli import ArgumentParser, usage_error
+from minimem_tools.experiments import ultramemv2_ablation  # noqa: F401  (registers kind ultramemv2-ablation)
 
 
 def build_parser() -> ArgumentParser:

@@ -21,6 +21,9 @@ from minimem.accounting import (
 from minimem.config import MEMORY_CONFIGS as CONFIG_CLASSES
 from minimem.config import ModelConfig, MoEConfig
 from minimem.model import GPT
+from minimem_tools.experiments.ultramemv2_ablation import UltraMemV2AblationConfig
+
+ABLATION = UltraMemV2AblationConfig.kind  # importing the module registers the kind
 
 SMALL = dict(vocab_size=65, block_size=32, n_layer=3, n_head=2, n_embd=64, ffn_hidden=96)
 MEMORY = dict(n_slots=256, topk=4)  # n = 16 sub-keys per side
@@ -45,10 +48,19 @@ MEMORY_CONFIGS = {
         dict(kind="ultramem", skip=[[0, 1], [1, 2]], expansion=1, heads=2, rank=3, cores=1, **MEMORY),
     ),
     "ultramemv2": ("minimem.ultramemv2", dict(kind="ultramemv2", d_value=24, d_pre=8, **MEMORY)),
-    # ring of 4 layers sharing one 4 x 64-row table; two heads; gated pre-values
-    "ultramemv2-ring-gelu": (
+    "ultramemv2-ring": (
         "minimem.ultramemv2",
-        dict(kind="ultramemv2", n_slots=64, topk=4, ring_group=4, heads=2, activation="gelu", model=dict(n_layer=5)),
+        dict(kind="ultramemv2", n_slots=64, topk=4, ring_group=4, heads=2, model=dict(n_layer=5)),
+    ),
+    # the experiments' ablation kind: ring of 4 layers sharing one 4 x 64-row table; two heads; gated pre-values
+    "ultramemv2-ablation-ring-gelu": (
+        "minimem_tools.experiments.ultramemv2_ablation",
+        dict(kind=ABLATION, n_slots=64, topk=4, ring_group=4, heads=2, activation="gelu", model=dict(n_layer=5)),
+    ),
+    # plain values (no P, no W_p) with E = 4 per-block projections
+    "ultramemv2-ablation-plain-e4": (
+        "minimem_tools.experiments.ultramemv2_ablation",
+        dict(kind=ABLATION, d_value=24, pre_values=False, value_projections=4, **MEMORY),
     ),
 }
 
@@ -224,7 +236,7 @@ def _unseen_by_counter(config):
     mem, layers = config.memory, accounting.n_memory_layers(config)
     if mem.kind in ("pkm", "peer"):
         return layers * mem.heads * mem.topk**2  # the m x m candidate-grid sums
-    if mem.kind == "ultramem" and mem.expansion > 1:  # IVE pools one (token, slot) row at a time
+    if mem.kind != "none" and accounting.memory_dims(config)["E"] > 1:  # IVE pools one (token, slot) row at a time
         return layers * 2 * mem.heads * mem.topk * (mem.d_value or config.n_embd)
     return 0
 

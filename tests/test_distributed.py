@@ -28,7 +28,7 @@ from minimem.sharding import (
     local_cores,
     record_communication,
     sharded_memory_lookup,
-    summarize,
+    summarise,
     world,
 )
 
@@ -257,7 +257,7 @@ def _run_case(name, rank, P):
         pre_values_grad=grad(table.pre_values),
         scores_grad=scores.grad,
         pre_input_grad=grad(pre_input),
-        sent=summarize(log),
+        sent=summarise(log),
     )
 
 

@@ -182,19 +182,21 @@ def test_ablations_change_what_they_claim():
     target = setups.parameters(configs["baseline"])["activated"]
     for name in ("few_layers", "d_key_h/4", "d_key_h", "two_heads", "plain_values", "per_block_projections"):
         assert abs(setups.parameters(configs[name])["activated"] - target) / target < 0.01, name
+    switches = {"gelu_gate": "activation", "plain_values": "pre_values", "per_block_projections": "value_projections"}
     for name, c in configs.items():  # everything else equals the baseline
         diff = {k for k in base if c["model"]["memory"][k] != base[k]}
-        assert diff <= {
-            "layers",
-            "n_slots",
-            "value_init",
-            "activation",
-            "d_key",
-            "heads",
-            "topk",
-            "pre_values",
-            "value_projections",
-        }, (name, diff)
+        assert diff <= {"layers", "n_slots", "value_init", "d_key", "heads", "topk", "kind"}, (name, diff)
+        # only the variants that need a switch are of the experiments' ablation kind, with one switch moved
+        mem = c["model"]["memory"]
+        assert ("kind" in diff) == (name in switches), name
+        if name in switches:
+            assert mem["kind"] == "ultramemv2-ablation"
+            moved = {
+                k
+                for k in ("activation", "pre_values", "value_projections")
+                if mem[k] != dict(activation="none", pre_values=True, value_projections=1)[k]
+            }
+            assert moved == {switches[name]}, (name, moved)
     assert ablations.NOT_RUN == {}
 
 

@@ -20,6 +20,7 @@ from minimem.init import (
 )
 from minimem.model import GPT, SwiGLU
 from minimem.ultramemv2 import UltraMemV2
+from minimem_tools.experiments.ultramemv2_ablation import UltraMemV2Ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,8 +164,8 @@ def test_plain_values_ablation_matches_the_ffn_variance(d_value, topk, heads):
     """Without pre-values sigma_V enters once: sigma_V^2 = sigma_ffn^2 h / (0.4 (1 + sigma_s^2) m H D_v)."""
     torch.manual_seed(5)
     x = unit_inputs(4096, 128).view(1, 4096, 128)
-    cfg = v2_config(d_value=d_value, topk=topk, heads=heads, pre_values=False)
-    layer = UltraMemV2(cfg, 1)
+    cfg = v2_config(kind="ultramemv2-ablation", d_value=d_value, topk=topk, heads=heads, pre_values=False)
+    layer = UltraMemV2Ablation(cfg, 1)  # the experiments' plain-values variant
     assert layer.pre_values is None and layer.pre_proj is None
     assert layer.value_std == pytest.approx(
         plain_value_std(ffn_output_variance(cfg), layer.sigma_s, d_value, topk, heads, 128, layer.score_mean)

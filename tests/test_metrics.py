@@ -8,7 +8,7 @@ import torch
 from minimem.config import ModelConfig, PKMConfig
 from minimem.metrics import (
     kl_from_uniform,
-    memory_modules,
+    named_memory_modules,
     memory_usage_report,
     slot_counts,
     usage_fraction,
@@ -73,7 +73,7 @@ def test_report_per_memory_layer_matches_manual_accumulation():
     )
     torch.manual_seed(0)
     model = GPT(config).train()
-    assert sorted(memory_modules(model)) == ["blocks.0.ffn", "blocks.2.ffn"]
+    assert sorted(named_memory_modules(model)) == ["blocks.0.ffn", "blocks.2.ffn"]
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 65, (3, 8), generator=g) for _ in range(4)]
     report = memory_usage_report(model, [(b, b) for b in batches], max_batches=3)

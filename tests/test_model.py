@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from minimem.config import ModelConfig, MoEConfig
 from minimem.ffn import MoE
+from minimem.generate import generate
 from minimem.model import GPT, RMSNorm, Rotary, SwiGLU
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -145,13 +146,13 @@ def test_gpt_loss_is_masked_cross_entropy_and_ties_embeddings():
     assert model.last_aux_loss.item() == 0.0
 
 
-def test_gpt_rejects_too_long_input_and_bad_temperature():
+def test_gpt_rejects_too_long_input_and_samples_past_its_block():
     model = GPT(tiny())
     with pytest.raises(ValueError, match="block_size=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0.0)
-    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 20)  # runs past block_size: crops the context
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 3, temperature=-1.0)
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), 20)  # runs past block_size: crops the context
     assert out.shape == (2, 23) and out.min() >= 0 and out.max() < 11
 
 

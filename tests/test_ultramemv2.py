@@ -11,6 +11,9 @@ from minimem.accounting import ffn_flops_per_token, mcp_percent, memory_flops_pe
 from minimem.config import config_from_dict, load_config
 from minimem.model import GPT
 from minimem.ultramemv2 import UltraMemV2
+from minimem_tools.experiments.ultramemv2_ablation import UltraMemV2Ablation
+
+ABLATION = "ultramemv2-ablation"  # the experiments' kind with the switches of changes 2 and 3 (registered on import)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +41,9 @@ def loop_ultramemv2(layer, x):
     block v // rows, row v % rows, and slot i's read goes into block e's D_v-wide part of W's input.
     """
     B, T, h = x.shape
-    c, Dv, E = layer.n_cores, layer.d_value, layer.projections
+    c, Dv, E = layer.n_cores, layer.d_value, getattr(layer, "projections", 1)
     width = Dv // c
-    act = ACT[layer.activation]
+    act = ACT[getattr(layer, "activation", "none")]
     out = torch.zeros(B, T, h, dtype=x.dtype)
     rows_read = []
     for b in range(B):
@@ -64,20 +67,20 @@ def loop_ultramemv2(layer, x):
 
 
 @pytest.mark.parametrize(
-    "activation,heads,ablation",
+    "heads,ablation",
     [
-        ("none", 2, {}),
-        ("gelu", 1, {}),
-        ("none", 2, {"pre_values": False}),  # change 3 undone: plain values
-        ("none", 1, {"value_projections": 4}),  # change 2 undone: UltraMem's E per-block projections
-        ("gelu", 2, {"value_projections": 4, "ring_group": 4, "n_slots": 4, "topk": 2}),
+        (2, {}),  # the paper's layer
+        (1, {}),
+        (1, {"kind": ABLATION, "activation": "gelu"}),  # the gate activation the paper dropped
+        (2, {"kind": ABLATION, "pre_values": False}),  # change 3 undone: plain values
+        (1, {"kind": ABLATION, "value_projections": 4}),  # change 2 undone: UltraMem's E per-block projections
+        (2, {"kind": ABLATION, "activation": "gelu", "value_projections": 4, "ring_group": 4, "n_slots": 4, "topk": 2}),
     ],
 )
-def test_forward_matches_loop_reference(activation, heads, ablation):
+def test_forward_matches_loop_reference(heads, ablation):
     torch.manual_seed(0)
-    layer = UltraMemV2(
-        tiny_config(n_layer=2 + 2 * ("ring_group" in ablation), activation=activation, heads=heads, **ablation), 1
-    ).double()
+    config = tiny_config(n_layer=2 + 2 * ("ring_group" in ablation), heads=heads, **ablation)
+    layer = (UltraMemV2Ablation if "kind" in ablation else UltraMemV2)(config, 1).double()
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     with torch.no_grad():
         out = layer(x)
@@ -88,8 +91,10 @@ def test_forward_matches_loop_reference(activation, heads, ablation):
 
 def test_gradcheck_float64():
     torch.manual_seed(1)
-    for activation, ablation in (("none", {}), ("relu", {}), ("none", {"pre_values": False, "value_projections": 4})):
-        layer = UltraMemV2(tiny_config(activation=activation, **ablation), 0).double()
+    switches = ({}, {"activation": "relu"}, {"pre_values": False, "value_projections": 4})
+    for ablation in switches:
+        config = tiny_config(**ablation, **({"kind": ABLATION} if ablation else {}))
+        layer = (UltraMemV2Ablation if ablation else UltraMemV2)(config, 0).double()
         names = [n for n, _ in layer.named_parameters()]
         expected = {
             "value_table.values",
@@ -178,7 +183,7 @@ def test_ring_window_starts_at_the_layer_offset_and_wraps():
 
 def test_ring_group_needs_a_square_table():
     with pytest.raises(
-        ValueError, match="model.memory.ring_group x model.memory.n_slots .* must be a perfect square, got 32"
+        ValueError, match="addresses 32 slots, which must be a perfect square: use model.memory.ring_group"
     ):
         GPT(tiny_config(n_layer=2, ring_group=2))
 
@@ -217,16 +222,20 @@ def test_errors_name_the_field():
         tiny_config(d_value=12, cores=5)
     with pytest.raises(ValueError, match=r"model.memory.topk \(m\) must be in \[1, n=4\]"):
         tiny_config(topk=5)
+    with pytest.raises(ValueError, match=r"model.memory.activation is not a field of kind 'ultramemv2' \(its fields"):
+        tiny_config(activation="gelu")  # the gate activation is an ablation switch, not the paper's layer
     with pytest.raises(ValueError, match="model.memory.activation must be one of"):
-        tiny_config(activation="tanh")
+        tiny_config(kind=ABLATION, activation="tanh")
     with pytest.raises(ValueError, match="model.memory.value_init must be one of"):
         tiny_config(value_init="xavier")
     with pytest.raises(ValueError, match="layer 1 is not a memory layer"):
         UltraMemV2(tiny_config(layers=[0]), 1)
     with pytest.raises(ValueError, match=r"model.memory.value_projections must be a perfect square >= 1 \(1, 4, 9"):
-        tiny_config(value_projections=2)
+        tiny_config(kind=ABLATION, value_projections=2)
     with pytest.raises(ValueError, match=r"model.memory.pre_values must be a boolean \(true/false\), got 'maybe'"):
-        tiny_config(pre_values="maybe")
+        tiny_config(kind=ABLATION, pre_values="maybe")
+    with pytest.raises(ValueError, match="model.memory.activation gates the pre-values: it needs"):
+        tiny_config(kind=ABLATION, activation="gelu", pre_values=False)
 
 
 @pytest.mark.parametrize("ablation", [{"pre_values": False}, {"value_projections": 4}])
@@ -236,7 +245,7 @@ def test_ablation_switches_keep_accounting_exact(ablation):
 
     cfg = load_config(
         ROOT / "configs" / "shakespeare-ultramemv2.yaml",
-        [f"model.memory.{k}={str(v).lower()}" for k, v in ablation.items()],
+        [f"model.memory.kind={ABLATION}"] + [f"model.memory.{k}={str(v).lower()}" for k, v in ablation.items()],
     ).model
     model = GPT(cfg)
     assert count_parameters(model)["total"] == analytic_parameters(cfg)["total"]

@@ -13,6 +13,7 @@ BENCHES = {
     "train": "minimem_tools.bench.train",  # training / inference tokens/s, the reference run
     "accounting": "minimem_tools.bench.accounting",  # params, FLOPs, bytes per token for every config
     "step": "minimem_tools.bench.step",  # CPU training-step time of every layer against dense
+    "decode": "minimem_tools.bench.decode",  # cached decoding: tokens/s and weight bytes per token
 }
 
 

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from minimem_tools import course
+
 KINDS = ("dense", "moe", "pkm", "peer", "ultramem", "ultramemv2")
 TARGET_RATIO = 1.3  # UltraMemV2 step / dense step, the experiments issue's budget
 
 
 def config_path(kind: str) -> Path:
-    return REPO / "configs" / f"shakespeare-{kind}.yaml"
+    return course.path(f"configs/shakespeare-{kind}.yaml")
 
 
 class Stepper:

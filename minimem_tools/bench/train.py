@@ -26,8 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [REPO / "configs" / "shakespeare-dense.yaml", REPO / "configs" / "shakespeare-moe.yaml"]
+from minimem_tools import course
+
+CONFIGS = [course.path("configs/shakespeare-dense.yaml"), course.path("configs/shakespeare-moe.yaml")]
 REFERENCE_VAL_LOSS, REFERENCE_SECONDS = 1.89, 75.0
 
 

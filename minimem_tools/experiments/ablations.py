@@ -11,6 +11,7 @@ rebalancing of change 5 is exactly this trade: a wider D_k costs FFN width).
    expansion with E = 4 projections (the key grid addresses 4 N virtual slots);
 3. pre-values vs plain values: ``memory.pre_values = false`` (o = W^T sum_i s_i V_i, its own
    principled std); and the gate activation the paper dropped (``activation = gelu``, Specification §4.3);
+   these three switches belong to ``kind: ultramemv2-ablation`` (:mod:`minimem_tools.experiments.ultramemv2_ablation`);
 4. principled vs std-0.02 init (and the printed sigma_V^2 formula, ``value_init = paper``);
 5. D_k = h/2 vs smaller (h/4) and larger (h); one head vs two heads with half D_k and m
    ([UM2]: one head with doubled D_k and m beat two heads).
@@ -18,6 +19,7 @@ rebalancing of change 5 is exactly this trade: a wider D_k costs FFN width).
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from minimem_tools.experiments.setups import (
     parameters,
     train_and_measure,
 )
+from minimem_tools.experiments.ultramemv2_ablation import UltraMemV2AblationConfig
 
 NAME = "ablations"
 CLAIM = (
@@ -42,6 +45,19 @@ QUICK = dict(steps=3, eval_iters=1)
 TABLE = [("val_loss", ".3f"), ("train_loss", ".3f"), ("params_activated", ",.0f"), ("params_total", ",.0f")]
 BASELINE = "ultramemv2"
 NOT_RUN: dict[str, str] = {}  # every change has its variant
+
+
+def with_switches(config: dict) -> dict:
+    """``config`` (an UltraMemV2 config dict) as kind ``ultramemv2-ablation``, its switches at their defaults."""
+    out = copy.deepcopy(config)
+    defaults = UltraMemV2AblationConfig()
+    out["model"]["memory"].update(
+        kind=defaults.kind,
+        activation=defaults.activation,
+        pre_values=defaults.pre_values,
+        value_projections=defaults.value_projections,
+    )
+    return out
 
 
 def refit(base: dict, config: dict) -> dict:
@@ -68,10 +84,16 @@ def ablation_configs() -> dict[str, tuple[str, dict]]:
         ),
         "per_block_projections": (
             "2: one projection",
-            refit(base, override(base, **{"model.memory.value_projections": 4})),
+            refit(base, override(with_switches(base), **{"model.memory.value_projections": 4})),
         ),
-        "plain_values": ("3: pre-values", refit(base, override(base, **{"model.memory.pre_values": False}))),
-        "gelu_gate": ("3: no activation on the pre-value gate", override(base, **{"model.memory.activation": "gelu"})),
+        "plain_values": (
+            "3: pre-values",
+            refit(base, override(with_switches(base), **{"model.memory.pre_values": False})),
+        ),
+        "gelu_gate": (
+            "3: no activation on the pre-value gate",
+            override(with_switches(base), **{"model.memory.activation": "gelu"}),
+        ),
         "init_std0.02": ("4: principled init", override(base, **{"model.memory.value_init": "std0.02"})),
         "init_paper_formula": ("4: principled init", override(base, **{"model.memory.value_init": "paper"})),
         "d_key_h/4": ("5: D_k = h/2", refit(base, override(base, **{"model.memory.d_key": h // 4}))),
@@ -110,10 +132,10 @@ def run(variant: Variant, seed: int, quick: bool) -> dict:
 def verdict_notes(result: dict, subject: str) -> list[str]:
     """One line per variant: its val loss against the baseline's, and whether ``subject`` helps.
 
-    The change 'helps' when undoing it raises the loss by more than the spread over seeds
-    (:func:`minimem_tools.experiments.claims.better`, the rule of ``results/README.md``).
+    The change 'helps' when undoing it raises the loss by more than twice the standard error of the
+    difference of the means (:func:`minimem_tools.experiments.claims.better`, the rule of ``results/README.md``).
     """
-    from minimem_tools.experiments.claims import NOT_REPRODUCED, REPRODUCED, better
+    from minimem_tools.experiments.claims import NOT_REPRODUCED, REPRODUCED, better, decision_bar
 
     base = stat(result, "baseline", "val_loss")
     lines = []
@@ -123,11 +145,11 @@ def verdict_notes(result: dict, subject: str) -> list[str]:
         s = stat(result, entry["name"], "val_loss")
         if math.isnan(s[0]) or math.isnan(base[0]):
             continue
-        spread = math.sqrt(s[1] ** 2 + base[1] ** 2) if s[2] > 1 else float("nan")
+        bar = decision_bar(s, base) if s[2] > 1 and base[2] > 1 else float("nan")
         verdict = {REPRODUCED: "helps", NOT_REPRODUCED: "hurts"}.get(better(base, s), "within noise")
         lines.append(
             f"{entry['name']}: val loss {s[0]:.3f} vs baseline {base[0]:.3f} (delta {s[0] - base[0]:+.3f}, "
-            f"spread {spread:.3f}): {subject} {verdict}"
+            f"2 SE {bar:.3f}): {subject} {verdict}"
         )
     return lines
 

@@ -15,7 +15,7 @@ key -> value facts: capacity, the [PKM] / [UM] memory claim).
 
 ``finalize`` times a training step of every reference config interleaved in one process
 (:mod:`minimem_tools.bench.step`: rounds of each model in turn, median per model), so the
-UltraMemV2 / dense ratio that the issue asks for (target <= 1.3x) is measured under the same
+UltraMemV2 / dense step ratio (the course's target: at most 1.25x) is measured under the same
 load, and writes where the time goes (``head2head_profile.txt``: block-level forward +
 backward times and the operator profile of both models' steps).
 """

@@ -24,7 +24,6 @@ import importlib
 import json
 import math
 import os
-import random
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,11 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+import minimem
+import minimem_tools
+from minimem import train
+from minimem_tools import course
 
 # Experiment name -> module; "all" runs them in this order.
 EXPERIMENTS = {
@@ -49,8 +53,6 @@ EXPERIMENTS = {
 # Metrics measured with a clock: they depend on the machine's load and are excluded from
 # the reproducibility check (everything else must be bit-identical for equal seeds).
 TIMING_SUFFIXES = ("_per_s", "_ms", "_s", "_time_ratio")
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -78,37 +80,42 @@ def load_experiment(name: str):
 
 
 def seed_everything(seed: int, threads: int = 1) -> None:
-    """Seed python, numpy and torch; one CPU thread and deterministic algorithms.
+    """:func:`minimem.train.seed_everything`, then one CPU thread and deterministic algorithms.
 
     With one thread the CPU kernels reduce in a fixed order, so the same seed gives the same
     numbers on the same machine and torch build.
     """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    train.seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def source_digest() -> str:
-    """SHA-256 over the package's Python sources and ``configs/*.yaml``: the code a result came from,
-    even when it was not committed yet."""
+    """SHA-256 over the Python sources of ``minimem`` and ``minimem_tools`` and ``configs/*.yaml``: the
+    code a result came from, even when it was not committed yet (or runs from an installed wheel)."""
     import hashlib
 
     digest = hashlib.sha256()
-    files = sorted((REPO_ROOT / "minimem").rglob("*.py")) + sorted((REPO_ROOT / "configs").glob("*.yaml"))
-    for path in files:
-        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    files = []
+    for package in (minimem, minimem_tools):
+        folder = Path(package.__file__).parent
+        files += [(f"{package.__name__}/{p.relative_to(folder).as_posix()}", p) for p in sorted(folder.rglob("*.py"))]
+    files += [(f"configs/{p.name}", p) for p in sorted(course.path("configs").glob("*.yaml"))]
+    for name, path in files:
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 def git_commit() -> tuple[str, bool]:
-    """``(commit hash, working tree dirty?)`` of the repository, or ``("unknown", True)``."""
+    """``(commit hash, working tree dirty?)`` of the checkout, or ``("unknown", True)`` (e.g. from a wheel)."""
+    root = course.checkout_root()
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        if root is None:
+            raise OSError("not a checkout")
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
             check=True,

@@ -30,9 +30,9 @@ import torch
 import yaml
 
 from minimem.config import config_from_dict
-from minimem_tools.experiments.runner import REPO_ROOT
+from minimem_tools import course
 
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = course.path("configs")
 MODELS = ("dense", "moe2", "moe8", "pkm", "peer", "ultramem", "ultramemv2")
 MOE_SHAPES = {"moe2": (8, 2), "moe8": (64, 8)}  # (experts E, top-k): MoE-2 and OLMoE's 64 / top-8
 CONFIG_FILES = {m: f"shakespeare-{m}.yaml" for m in ("dense", "pkm", "peer", "ultramem", "ultramemv2")}
