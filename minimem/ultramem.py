@@ -95,6 +95,9 @@ class TuckerRetrieval(nn.Module):
         self.register_buffer("u", torch.zeros(heads, rank))
         self.register_buffer("t", torch.zeros(heads, rank))
 
+    # the candidate search (an instance may swap in another with the same signature: the learner's own)
+    search = staticmethod(tucker_topk)
+
     def init_weights(self, query_std: float, key_std: float, norm_gain: float) -> None:
         nn.init.normal_(self.query.weight, 0.0, query_std)
         nn.init.normal_(self.keys, 0.0, key_std)
@@ -138,7 +141,7 @@ class TuckerRetrieval(nn.Module):
         # unbind, not indexing: its backward stacks the heads' gradients in one copy
         for head, s in enumerate(self.rank_scores(x).unbind(1)):  # s (T, 2, r, n)
             s_row, s_col = s.unbind(1)
-            sc, idx = tucker_topk(s_row, s_col, self.cores[head], self.topk, self.u[head], self.t[head])
+            sc, idx = self.search(s_row, s_col, self.cores[head], self.topk, self.u[head], self.t[head])
             if self.softmax:  # ablation: normalise each core's m scores
                 sc = F.softmax(sc, dim=1)
             scores.append(sc)
