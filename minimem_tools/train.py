@@ -9,14 +9,16 @@ A bad config, ``--out`` or checkpoint exits 2 with one line; a diverged run or a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from minimem.checkpoint import latest_checkpoint
-from minimem.config import Config, load_config
+from minimem.config import Config, UltraMemV2Config, load_config
 from minimem.train import DiskFull, SetupError, TrainingDiverged, train
+from minimem_tools import learner
 from minimem_tools.cli import ArgumentParser, usage_error
 from minimem_tools.experiments import ultramemv2_ablation  # noqa: F401  (registers kind ultramemv2-ablation)
 
@@ -41,6 +43,14 @@ def build_parser() -> ArgumentParser:
         help="override config fields, e.g. --set train.lr=2e-3 model.n_layer=6",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--use-exercises",
+        nargs="?",
+        const="learner",
+        metavar="SOURCE",
+        help="build UltraMemV2 from your exercise solutions (5.2, 6.1, 6.2): ./exercises when no SOURCE, "
+        "a folder from `minimem exercises init`, or 'reference' (minimem_tools.learner)",
+    )
     return parser
 
 
@@ -69,8 +79,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         return usage_error(parser.prog, str(err))
+    if args.use_exercises is not None and not isinstance(config.model.memory, UltraMemV2Config):
+        return usage_error(
+            parser.prog, "--use-exercises builds UltraMemV2: use a config with model.memory.kind ultramemv2"
+        )
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        with learner.use_exercises(args.use_exercises) if args.use_exercises else contextlib.nullcontext():
+            train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (NotImplementedError, FileNotFoundError) as err:  # an exercise not written yet, or no such folder
+        return usage_error(parser.prog, f"--use-exercises: {err}")
     except SetupError as err:  # bad config, --out, dataset, device or checkpoint: no traceback
         return usage_error(parser.prog, str(err))
     except (TrainingDiverged, DiskFull) as err:
