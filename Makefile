@@ -48,8 +48,9 @@ lab: venv
 	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # ---------------------------------------------------------------- tests
-# nbval re-runs every chapter notebook top to bottom; cells marked # NBVAL_CHECK_OUTPUT must
-# reproduce their saved output (after notebooks/nbval_sanitize.cfg).
+# nbval re-runs every chapter notebook top to bottom; cells with the cell tag nbval-check-output
+# (cell metadata, invisible to readers) must reproduce their saved output (after
+# notebooks/nbval_sanitize.cfg).
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
 
 lint: venv

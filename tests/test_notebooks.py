@@ -1,8 +1,10 @@
 """The chapter notebooks as committed: executed, clean, in the TOC; and the tools that run them.
 
 nbval itself re-executes every notebook in ``make test`` (``--nbval-lax``, see the Makefile);
-these tests check what nbval cannot: the saved state the book renders, the TOC, the sanitizers,
-and ``tools/execute_notebooks.py``.
+these tests check what nbval cannot: the saved state the book renders, what a reader sees (no test
+markers, code that fits the page, a closing summary), that a chapter runs outside the checkout
+(install cell, ``minimem_tools.course`` paths), the TOC, the sanitizers, and
+``tools/execute_notebooks.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from nbval.plugin import get_sanitize_patterns
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 CHAPTER_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+CHECK_TAG = "nbval-check-output"  # nbval's cell tag for a cell whose output must reproduce
+# nbval's comment markers (# NBVAL_CHECK_OUTPUT, # NBVAL_SKIP, ...): readers would see them, tags they do not
+COMMENT_MARKER = re.compile(r"^\s*#\s*(NBVAL_|PYTEST_VALIDATE_)", re.MULTILINE)
+CODE_WIDTH = 88  # the book shows about 90 characters of a code block at 1280 px without scrolling
+INSTALL = "minimem @ git+https://github.com/minimem-course/minimem"  # book/_config.yml's repository
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
@@ -62,9 +69,32 @@ def test_notebook_is_executed_top_to_bottom_with_clean_outputs(path):
             assert output.output_type != "error", f"saved error output in cell:\n{cell.source[:200]}"
             text = json.dumps(output)
             assert str(REPO_ROOT) not in text, "an output shows this machine's checkout path"
-    checked = [cell for cell in code if "# NBVAL_CHECK_OUTPUT" in cell.source]
-    assert checked, "mark at least one cell that prints key numbers with # NBVAL_CHECK_OUTPUT"
-    assert all(cell.outputs for cell in checked), "a # NBVAL_CHECK_OUTPUT cell has no saved output"
+    checked = [cell for cell in code if CHECK_TAG in cell.metadata.get("tags", [])]
+    assert checked, f"tag at least one cell that prints key numbers with the cell tag {CHECK_TAG}"
+    assert all(cell.outputs for cell in checked), f"a {CHECK_TAG} cell has no saved output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_shows_readers_no_test_markers_and_fits_the_page(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    marked = [cell.source[:80] for cell in code if COMMENT_MARKER.search(cell.source)]
+    assert not marked, f"nbval comment markers are visible to readers; use the cell tag {CHECK_TAG}: {marked}"
+    wide = [line for cell in code for line in cell.source.splitlines() if len(line) > CODE_WIDTH]
+    assert not wide, f"code lines wider than {CODE_WIDTH} characters scroll in the book: {wide[:5]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_anywhere_and_ends_with_a_summary(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
+    # Colab: the first code cell installs minimem when it is missing (and does nothing in a checkout)
+    assert "except ImportError" in code[0] and INSTALL in code[0], "first code cell: the install cell"
+    # course files and run folders through minimem_tools.course, never relative to notebooks/
+    relative = [s[:80] for s in code if re.search(r"[\"']\.\./(configs|results|runs|benchmarks)|Path\(\"\.\.\"\)", s)]
+    assert not relative, f"use minimem_tools.course.path / run_dir instead of '../': {relative}"
+    last = nb.cells[-1]
+    assert last.cell_type == "markdown" and last.source.startswith("## Summary"), "end with a ## Summary cell"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

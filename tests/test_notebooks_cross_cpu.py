@@ -2,14 +2,16 @@
 
 ATen runs vectorised kernels chosen for the CPU (``ATEN_CPU_CAPABILITY``: avx512, avx2, default) and MKL
 picks its own code paths; they round differently in the last digit, and 150 training steps grow that into
-the second decimal of a loss. So a cell marked ``# NBVAL_CHECK_OUTPUT`` prints only what does not depend
+the second decimal of a loss. So a cell tagged ``nbval-check-output`` prints only what does not depend
 on the CPU: float64 comparisons, counts, shapes, and verdicts whose margins are many times the spread
 (notebooks/README.md). This test re-runs the chapters that train or compute float32 numbers under other
 code paths of this machine's CPU, with nbval exactly as ``make test`` runs it, and requires every checked
 cell to reproduce its committed output.
 
-The chapters run from a copy laid out like the repository (configs/, results/, benchmarks/ linked), so
-their runs go to the copy's runs/ and never touch the checkout's while the main nbval pass may run.
+The chapters run from a copy laid out like the repository (configs/, results/, benchmarks/, exercises/
+and pyproject.toml linked, minimem_tools/ copied and first on PYTHONPATH), so that
+``minimem_tools.course`` takes the copy for the checkout: their runs go to the copy's runs/ and never
+touch the checkout's while the main nbval pass may run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ CHAPTERS = [
     "09_scaling_out",
 ]
 EXEMPT = ["00_welcome", "08_head_to_head"]
-LINKED = ["configs", "results", "benchmarks"]  # read by the chapters as ../configs etc.
+# Read by the chapters through minimem_tools.course; with COPIED, they make the copy a checkout for it
+# (course.checkout_root: the folder above the imported minimem_tools, holding these markers).
+LINKED = ["configs", "results", "benchmarks", "exercises", "pyproject.toml"]
+COPIED = "minimem_tools"  # a real copy: course resolves symlinks, and a link would lead back here
+CHECK_TAG = "nbval-check-output"
 # The flags of the Makefile's nbval pass (NBVAL), with the copy's notebooks.
 NBVAL_FLAGS = ["--nbval-lax", "--nbval-current-env", "--nbval-sanitize-with", "notebooks/nbval_sanitize.cfg"]
 PROBE = "zz_cpu_code_path.ipynb"
@@ -57,7 +63,9 @@ def probe_notebook(capability: str) -> nbformat.NotebookNode:
     # A checked cell whose saved output is the code path asked for: it fails unless the kernel nbval
     # starts really runs there (the variables must reach it before it imports torch).
     cell = nbformat.v4.new_code_cell(
-        "# NBVAL_CHECK_OUTPUT\nimport torch\n\nprint(torch.backends.cpu.get_cpu_capability())", execution_count=1
+        "import torch\n\nprint(torch.backends.cpu.get_cpu_capability())",
+        execution_count=1,
+        metadata={"tags": [CHECK_TAG]},
     )
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=capability + "\n")]
     nb = nbformat.v4.new_notebook(cells=[cell])
@@ -69,8 +77,9 @@ def repository_copy(root: Path) -> list[Path]:
     """Lay out ``root`` like the repository with the chapters to run; return their paths."""
     (root / "notebooks").mkdir()
     shutil.copy(REPO_ROOT / "notebooks" / "nbval_sanitize.cfg", root / "notebooks")
-    for folder in LINKED:
-        (root / folder).symlink_to(REPO_ROOT / folder, target_is_directory=True)
+    for name in LINKED:
+        (root / name).symlink_to(REPO_ROOT / name, target_is_directory=(REPO_ROOT / name).is_dir())
+    shutil.copytree(REPO_ROOT / COPIED, root / COPIED, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "pytest.ini").write_text("[pytest]\n")  # the copy is its own rootdir: no conftest from above
     paths = []
     for name in CHAPTERS:
@@ -89,6 +98,8 @@ class NbvalRun:
     def __init__(self, capability: str, root: Path):
         self.capability, self.root = capability, root
         self.env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "MKL_CBWR": "COMPATIBLE"}
+        # the copy's minimem_tools first, so that minimem_tools.course finds the copy as the checkout
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
         self.runs_here = torch_capability(self.env)
         self.proc = None
         if not self.available:
