@@ -13,9 +13,9 @@ The layer reads the residual stream before block i and adds its output after blo
 Choices the paper leaves open (made here, with the official code as tie-breaker):
 
 - Queries: every rank a has its own row query and column query (each D_k / 2 wide) and its own
-  row / column sub-keys, so ``W_q`` maps h -> H r D_k. (The official code shares one query
-  across ranks by default; per-rank queries are its ``mem_q_for_each_tucker_rank`` option and
-  what Specification §3 describes.)
+  row / column sub-keys, so ``W_q`` maps h -> H r D_k, as Specification §3 describes. (The official
+  code shares one query across ranks, and still does with its ``mem_q_for_each_tucker_rank`` flag
+  on: per-rank queries are minimem's reading of the paper, not an official option.)
 - Query and key normalisation: LayerNorm without bias over the D_k / 2 channels, one gain
   vector shared by all queries and one by all keys (official code). UltraMem initialises both
   gains to (D_k / 2)^(-1/3) (official v1 constant); UltraMemV2 calibrates them instead.
