@@ -27,8 +27,8 @@ def swiglu_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
     against x, and the output mixes all d_ff value vectors, so the whole table is read for
     every token. minimem's version is ``minimem.model.SwiGLU``.
 
-    Raise ValueError (naming the argument) if w3 does not have the shape of w1, or if the
-    widths do not fit together (x (T, h), w1 (d_ff, h), w2 (h, d_ff)).
+    Check every argument and raise ValueError naming it: ``w3`` if it does not have the shape of
+    w1, ``w2`` unless it is (h, d_ff), ``x`` unless it is (T, h) (w1 fixes d_ff and h).
     """
     raise NotImplementedError("exercise 1.1: write swiglu_ffn in exercises/ch1_ffn_memory.py")
 

@@ -13,9 +13,9 @@ import torch
 def kl_from_uniform(z: torch.Tensor) -> float:
     """Exercise 3.1: how far slot usage is from uniform [PKM] §4 ("KL").
 
-    z (N,) float: per-slot counts (how often each slot was selected) or per-slot weight mass,
-    all >= 0. With p = z / sum(z), return the Kullback-Leibler divergence from the uniform
-    distribution over the N slots, in nats, as a Python float:
+    z (N,), any real dtype (float64, float32, int64): per-slot counts (how often each slot was
+    selected) or per-slot weight mass, all >= 0. With p = z / sum(z), return the Kullback-Leibler
+    divergence from the uniform distribution over the N slots, in nats, as a Python float:
 
         KL(p || uniform) = sum_i p_i log(p_i / (1/N)) = log N + sum_i p_i log p_i     (0 log 0 = 0)
 
@@ -48,7 +48,8 @@ def usage_metrics(indices: torch.Tensor, n_slots: int, weights: torch.Tensor | N
 def pkm_queries(x: torch.Tensor, w_query: torch.Tensor, norm: str) -> torch.Tensor:
     """Exercise 3.3: PKM's normalised multi-head queries q = Norm(W_q x) [PKM] §3.3.
 
-    x (T, h); w_query (H, D_k, h): head k's query is w_query[k] @ x[t]. Returns (T, H, D_k),
+    x (T, h); w_query (H, D_k, h): head k's query is w_query[k] @ x[t]. Returns (T, H, D_k) in
+    x's dtype (float64 or float32),
     normalised per ``norm`` (no learned gain or bias; eps = 1e-5 inside the square roots):
 
         "layernorm": each query q[t, k] (D_k numbers) minus its mean, divided by
@@ -71,7 +72,8 @@ def pkm_forward(
     """Exercise 3.4: the PKM layer's forward pass [PKM] §3 (what ``minimem.pkm.PKM`` does).
 
     x (T, h); w_query (H, D_k, h); keys1, keys2 (H, n, D_k / 2) the sub-keys of each head;
-    values (N, h) with N = n^2 shared by all heads; 1 <= m <= n. Returns (T, h):
+    values (N, h) with N = n^2 shared by all heads; 1 <= m <= n. Returns (T, h) in x's dtype
+    (float64 or float32, the same for all):
 
         q[t, k]       = layernorm(w_query[k] @ x[t])               (exercise 3.3, "layernorm")
         s, idx        = product-key top-m of head k: q1 = q[t, k, :D_k/2] with keys1[k],

@@ -24,7 +24,8 @@ def peer_experts(
     """Exercise 4.1: evaluate the routed singleton experts of every token (the PEER expert forward).
 
     x (T, h); indices (T, k) int64 experts chosen for each token (all heads' choices side by
-    side); weights (T, k) their router weights; down, up (N, h). Returns (T, h):
+    side); weights (T, k) their router weights; down, up (N, h). Returns (T, h) in the dtype
+    of x (float64 or float32, the same for all):
 
         out[t] = sum_{i < k} weights[t, i] * act(<down[indices[t, i]], x[t]>) * up[indices[t, i]]
 
@@ -48,7 +49,8 @@ def peer_forward(
     """Exercise 4.2: the PEER layer [PEER] §2 (what ``minimem.peer.PEER`` does).
 
     x (T, h); w_query (H, D_k, h); keys1, keys2 (H, n, D_k / 2); down, up (N, h) with N = n^2,
-    the expert pool shared by the H heads; 1 <= m <= n. Returns (T, h):
+    the expert pool shared by the H heads; 1 <= m <= n. Returns (T, h) in x's dtype (float64
+    or float32, the same for all):
 
         q[t, k]   = layernorm(w_query[k] @ x[t])     (eps 1e-5, no gain or bias: exercise 3.3)
         s, idx    = product-key top-m of head k       (exercise 2.2: q1 = first half with keys1[k],

@@ -43,8 +43,9 @@ def tucker_topk(
       3. Rescore the m x m candidate grid exactly with the full C (formula in the module
          docstring) and keep its m best cells, sorted by descending score.
     Return ``(scores, indices)``: indices (T, m) int64 flat slot indices i * n + j; scores
-    (T, m, c), where scores[t, l, k] = s_row[t, :, i]^T C^(k) s_col[t, :, j] is core k's own
-    score at the l-th chosen slot (they sum to the selection score). Scores must be
+    (T, m, c) in the inputs' dtype (float64 or float32), where
+    scores[t, l, k] = s_row[t, :, i]^T C^(k) s_col[t, :, j] is core k's own score at the l-th
+    chosen slot (they sum to the selection score). Scores must be
     differentiable in s_row, s_col and cores; the selection is not. This is approximate when C
     has rank > 1 (that is the point of the rank-1 trick); it is exact for a rank-1 core with
     non-negative u^T s_row and t^T s_col. Raise ValueError naming ``m`` unless 1 <= m <= n.
@@ -60,9 +61,10 @@ def multi_core_read(values: torch.Tensor, indices: torch.Tensor, scores: torch.T
 
         out[t, k D_v/c : (k+1) D_v/c] = sum_i scores[t, i, k] * values[indices[t, i], k D_v/c : (k+1) D_v/c]
 
-    Returns (T, D_v). Repeated indices add up. Raise ValueError naming ``scores`` when c does not
-    divide D_v, and naming ``indices`` when an index is outside [0, N). Differentiable in values
-    and scores. (minimem: ``minimem.kernels.memory_lookup``.)
+    Returns (T, D_v) in the dtype of values and scores (float64, float32 or bfloat16, the same for
+    both). Repeated indices add up. Raise ValueError naming ``scores`` when c does not divide D_v,
+    and naming ``indices`` when an index is outside [0, N). Differentiable in values and scores.
+    (minimem: ``minimem.kernels.memory_lookup``.)
     """
     raise NotImplementedError("exercise 5.3: write multi_core_read in exercises/ch5_ultramem.py")
 
@@ -82,7 +84,8 @@ def implicit_value_expansion(
 
     where (*) is the multi-core product of exercise 5.3 (core k's score weights slice k of the row).
     values (N, D_v); rows, blocks (T, m) int64 with rows in [0, N) and blocks in [0, E);
-    scores (T, m, c); projections (E, D_v, h). Returns (T, h); equals summing
+    scores (T, m, c); projections (E, D_v, h). Returns (T, h) in the dtype of values (float64
+    or float32, the same for all); equals summing
     scores (*) (values[row] @ projections[block]) over the m slots. Differentiable in values,
     scores and projections.
     """

@@ -51,7 +51,8 @@ def prevalue_read(
 
     values (N, D_v); pre_values (N, D_p); indices (T, m) int64 in [0, N); scores (T, m, c) with
     c dividing D_v (multi-core scoring, exercise 5.3); px (T, D_p), the pre-value input W_p x;
-    w_out (h, D_v), the single projection W (``nn.Linear`` layout). Returns (T, h):
+    w_out (h, D_v), the single projection W (``nn.Linear`` layout). Returns (T, h) in the
+    inputs' dtype (float64 or float32, the same for all):
 
         g[t, i]            = <pre_values[indices[t, i]], px[t]>          (no activation: top-m is the gate)
         read[t, slice k]   = sum_i scores[t, i, k] * g[t, i] * values[indices[t, i], slice k]

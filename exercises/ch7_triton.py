@@ -27,11 +27,14 @@ def weighted_gather(values: torch.Tensor, indices: torch.Tensor, scores: torch.T
     one token t (and, if you like, one block of columns of D_v): it loops over the m slots,
     loads scores[t, i] and the row values[indices[t, i], block] and accumulates their product in
     float32, then stores the block of out[t]. Block sizes are ``tl.constexpr`` powers of two
-    (``triton.next_power_of_2``); mask the loads and the store when D_v is not a multiple of the
-    block. m, D_v and T are arbitrary (m need not be a power of two). The grader checks that a
-    Triton kernel really runs. Raise ValueError naming the argument for: indices outside [0, N)
-    (check on the host before launching: a kernel reading out of bounds fails silently),
-    shapes that do not fit, indices not int64.
+    (``triton.next_power_of_2``, capped: a tile is not the whole row); mask the loads and the
+    store when D_v is not a multiple of the block. m, D_v and T are arbitrary and may exceed any
+    one tile (m need not be a power of two); the inputs may be strided views (pass the strides,
+    or make them contiguous). The graders check that one fused kernel does the lookup (one launch
+    per call, whatever T and m; no (T, m, D_v) gather in torch) and, in the interpreter, that no
+    load or store leaves the tensors it was given. Raise ValueError naming the argument for:
+    ``indices`` outside [0, N) or not int64 (check on the host before launching: a kernel
+    reading out of bounds fails silently), ``scores`` not (T, m), ``values`` not 2-D.
     """
     raise NotImplementedError("exercise 7.1: write weighted_gather in exercises/ch7_triton.py")
 

@@ -2,7 +2,9 @@
 
 ``pytest exercises/graders`` grades your stubs in ``exercises/``; add ``--reference`` to grade
 minimem's own implementation and ``--time-limit SECONDS`` to give every grader test that limit.
-``minimem grade`` runs the same tests, one chapter per child process, and prints only the table.
+hypothesis draws its examples from seed 0 unless ``--hypothesis-seed N`` says otherwise, so every
+run grades the same examples. ``minimem grade`` runs the same tests, one chapter per child
+process, and prints only the table.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minimem_tools.grading import LEARNER, REFERENCE, GradingPlugin, use_triton_interpreter
+from minimem_tools.grading import LEARNER, QUESTIONS, REFERENCE, GradingPlugin, use_triton_interpreter
 
 use_triton_interpreter()  # before anything imports triton: chapter 7 runs its kernels in the interpreter
 
@@ -63,3 +65,11 @@ def reference(request):
     from exercises.reference import namespace
 
     return namespace(_chapter_module(request))
+
+
+@pytest.fixture(scope="module")
+def answers(request) -> dict:
+    """The answers to the conceptual questions under test (exercises/questions.py's ANSWERS, or the
+    reference's, computed from minimem): question id -> answer."""
+    found = _grading_plugin(request.config).solutions_for(QUESTIONS).ANSWERS
+    return found() if callable(found) else found

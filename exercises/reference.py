@@ -48,6 +48,18 @@ REFERENCES: dict[str, dict[str, str]] = {
         "weighted_gather": "exercises.reference:weighted_gather",  # minimem.kernels.memory_lookup, triton backend
         "weighted_gather_backward": "exercises.reference:weighted_gather_backward",  # its autograd backward
     },
+    "ch8_head_to_head": {
+        "verdict": "exercises.reference:verdict",  # minimem_tools.experiments.claims.better on runner.mean_std
+        "layer_parameters": "exercises.reference:layer_parameters",  # minimem.accounting of a one-block model
+    },
+    "ch9_sharding": {
+        "chunk_cores": "exercises.reference:chunk_cores",  # minimem.sharding.local_cores
+        "rank_read": "exercises.reference:rank_read",  # step 4 of minimem.sharding.sharded_memory_lookup
+        "sharded_lookup": "exercises.reference:sharded_lookup",  # sharded_memory_lookup's steps, P ranks in one
+    },
+    "questions": {
+        "ANSWERS": "exercises.reference:question_answers",  # computed from minimem (a function: called lazily)
+    },
 }
 
 
@@ -216,6 +228,7 @@ def peer_experts(x, indices, weights, down, up, activation):
     T, k = indices.shape
     n = math.isqrt(down.shape[0])
     module = PEER(_product_key_config("peer", x.shape[1], 1, n, 2, k, activation=activation), 0).to(x.dtype)
+    module.eval()  # no usage statistics: their (N,) counters are bookkeeping, not the expert computation
     module.route = lambda _x: (weights.unsqueeze(1), weights.unsqueeze(1), indices.unsqueeze(1))  # (T, H=1, k)
     return torch.func.functional_call(module, {"down": down, "up": up}, (x.unsqueeze(0),)).squeeze(0)
 
@@ -270,7 +283,13 @@ def implicit_value_expansion(values, rows, blocks, scores, projections):
         "value_proj.weight": projections.reshape(expansion * d_value, h).T,  # [W_1; ...; W_E]
         "shuffle": torch.arange(expansion * n_slots, device=values.device),
     }
-    return torch.func.functional_call(module, weights, (values.new_zeros(1, T, h),)).squeeze(0)
+    from minimem import ultramem
+
+    counting, ultramem.usage_update = ultramem.usage_update, lambda counts, rows: None  # no (N,) usage histogram
+    try:
+        return torch.func.functional_call(module, weights, (values.new_zeros(1, T, h),)).squeeze(0)
+    finally:
+        ultramem.usage_update = counting
 
 
 # --------------------------------------------------------------------------- chapter 6
@@ -321,3 +340,193 @@ def weighted_gather_backward(grad_out, values, indices, scores):
         out = memory_lookup(values, indices, scores.unsqueeze(-1), backend="triton")
         grad_values, grad_scores = torch.autograd.grad(out, (values, scores), grad_out)
     return grad_values, grad_scores
+
+
+# --------------------------------------------------------------------------- chapter 8
+
+
+def verdict(a, b, lower=True):
+    """``claims.better`` of the two arms' ``runner.mean_std`` (the verdict rule of the claims table)."""
+    import math
+
+    from minimem_tools.experiments.claims import better
+    from minimem_tools.experiments.runner import mean_std
+
+    if not isinstance(lower, bool):
+        raise ValueError(f"lower must be a bool (True when lower is better), got {lower!r}")
+    arms = []
+    for name, values in (("a", a), ("b", b)):
+        if isinstance(values, torch.Tensor):
+            if values.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D sequence of per-seed values, got shape {tuple(values.shape)}")
+            values = values.tolist()
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"{name} must be a sequence of per-seed values, got {type(values).__name__}")
+        values = list(values)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{name} must hold real numbers only, got {values!r}")
+        s = mean_std(values)
+        arms.append((math.nan, math.nan, 0) if s["n"] == 0 else (s["mean"], s["std"], s["n"]))
+    return better(arms[0], arms[1], lower=lower)
+
+
+def layer_parameters(kind, h, n_keys, heads, d_key, topk, query_norm="layernorm"):
+    """(total, activated) of the one memory layer of a one-block minimem model (``minimem.accounting``)."""
+    from minimem import accounting
+    from minimem.config import QUERY_NORMS
+
+    if kind not in ("pkm", "peer"):
+        raise ValueError(f"kind must be 'pkm' or 'peer', got {kind!r}")
+    for name, value in (("h", h), ("n_keys", n_keys), ("heads", heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(d_key, int) or d_key < 2 or d_key % 2:
+        raise ValueError(f"d_key must be an even integer >= 2, got {d_key!r}")
+    if not isinstance(topk, int) or not 1 <= topk <= n_keys:
+        raise ValueError(f"topk must be in [1, n_keys={n_keys}], got {topk!r}")
+    if query_norm not in QUERY_NORMS:
+        raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
+    module = _memory_layer(kind, h, heads, n_keys, d_key, topk, query_norm)
+    params = list(module.parameters())
+    tables = [p for p in params if accounting.is_memory_value(p)]  # what a token reads H m rows of
+    always = sum(p.numel() for p in params if not accounting.is_memory_value(p))
+    rows = tables[0].shape[0]
+    width = sum(p.numel() // rows for p in tables)
+    return {"total": always + rows * width, "activated": always + min(heads * topk, rows) * width}
+
+
+def _memory_layer(kind, h, heads, n_keys, d_key, topk, query_norm="layernorm"):
+    """minimem's PKM or PEER layer of a one-block model with these sizes (on the CPU: a meta model's
+    first initialisation imports torch's decompositions, seconds on a busy machine)."""
+    from minimem.peer import PEER
+    from minimem.pkm import PKM
+
+    config = _product_key_config(kind, h, heads, n_keys, d_key, topk, query_norm=query_norm)
+    return (PKM if kind == "pkm" else PEER)(config, 0)
+
+
+# --------------------------------------------------------------------------- chapter 9
+
+
+def chunk_cores(cores, rank, world_size):
+    from minimem import sharding
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return sharding.local_cores(cores, rank, world_size)
+
+
+def rank_read(local_values, indices, scores, gate, rank, world_size):
+    """Step 4 of ``sharded_memory_lookup``: ``memory_lookup`` on the slice, each chunk weighted by its core."""
+    import math
+
+    from minimem.kernels import memory_lookup
+
+    chunks = chunk_cores(scores.shape[-1], rank, world_size)
+    per_rank = math.lcm(world_size, scores.shape[-1]) // world_size
+    if local_values.shape[1] % per_rank:
+        raise ValueError(
+            f"local_values has {local_values.shape[1]} columns, not a multiple of the {per_rank} chunks each rank holds"
+        )
+    weights = scores.index_select(2, chunks.to(scores.device))
+    if gate is not None:
+        weights = weights * gate.unsqueeze(-1)
+    return memory_lookup(local_values, indices, weights, backend="torch")
+
+
+def sharded_lookup(value_slices, indices, scores, pre_value_slices=None, pre_input=None):
+    """``sharded_memory_lookup``'s steps with the P ranks in one process: partial gates summed (the
+    all-reduce), each rank's read (:func:`rank_read`), the slices side by side (the all-to-all)."""
+    from minimem import sharding
+
+    if (pre_value_slices is None) != (pre_input is None):
+        raise ValueError("pre_input must be given exactly when pre_value_slices is (both or neither)")
+    P = len(value_slices)
+    gate = None
+    if pre_value_slices is not None:
+        d_pre = sum(p.shape[1] for p in pre_value_slices)
+        gate = sum(
+            (pre_value_slices[r][indices] * pre_input[:, sharding.column_slice(d_pre, r, P)].unsqueeze(1)).sum(-1)
+            for r in range(P)
+        )
+    return torch.cat([rank_read(value_slices[r], indices, scores, gate, r, P) for r in range(P)], dim=1)
+
+
+# --------------------------------------------------------------------------- conceptual questions
+
+
+def _value_vectors_option() -> str:
+    """The option whose vectors the SwiGLU output is a combination of: with d_ff = 1, out is parallel to them."""
+    g = torch.Generator().manual_seed(0)
+    h = 3
+    x, w1, w3, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, h), (1, h), (1, h), (h, 1)))
+    out = swiglu_ffn(x, w1, w3, w2)[0]
+    options = {"a": w1[0], "b": w3[0], "c": w2[:, 0], "d": w2[0].expand(h)}
+    return next(
+        k for k, v in options.items() if abs(float(torch.nn.functional.cosine_similarity(out, v, dim=0))) > 1 - 1e-9
+    )
+
+
+def _token_mixing_option() -> str:
+    """The query normalisation under which changing the last token moves the first token's query."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, 4, generator=g, dtype=torch.float64)
+    changed = x.clone()
+    changed[-1] += 3.0
+    moved = [
+        letter
+        for letter, norm in zip("abc", ("layernorm", "batchnorm", "none"))
+        if not torch.allclose(pkm_queries(x, w, norm)[0], pkm_queries(changed, w, norm)[0])
+    ]
+    (letter,) = moved
+    return letter
+
+
+def question_answers() -> dict:
+    """The answers to exercises/questions.py, computed from minimem (the graders hold only their hashes)."""
+    import math
+
+    from minimem import accounting, init, metrics, sharding, tucker
+    from minimem.config import UltraMemV2Config
+    from minimem_tools.experiments import claims
+
+    n, m = 512, 32
+    one_slot = torch.zeros(n * n, dtype=torch.float64)
+    one_slot[7] = 1.0
+    core = torch.tensor([[3.0, 0.0], [4.0, 0.0]], dtype=torch.float64)
+    u, t = tucker.rank1_core(core)
+    sizes = dict(target_variance=0.01, sigma_s=0.3, d_pre=64, d_value=192, topk=32, heads=1, dim=768)
+    ring = UltraMemV2Config(n_slots=n * n)
+    pkm, peer = (_memory_layer(kind, 64, 1, 8, 8, 2) for kind in ("pkm", "peer"))
+    tables = [sum(p.numel() for p in layer.parameters() if accounting.is_memory_value(p)) for layer in (peer, pkm)]
+    verdicts = {claims.REPRODUCED: "a", claims.NOT_REPRODUCED: "b", claims.INCONCLUSIVE: "c"}
+    d_value = next(d for d in range(1, 100) if _sharding_allows(sharding, d, cores=3, world_size=4))
+    traffic = sharding.communication_bytes(8192, 128, 1, 8, 0, world_size=8, backward=False)
+    return {
+        "1a": accounting.expected_distinct(64, 8, 16),
+        "1b": _value_vectors_option(),
+        "2a": n * n / (2 * n + m * m),
+        "3a": metrics.kl_from_uniform(one_slot),
+        "3b": _token_mixing_option(),
+        "4a": tables[0] / tables[1],
+        "5a": float(u @ core @ t),
+        "6a": init.principled_value_std(**{**sizes, "d_pre": 128}) / init.principled_value_std(**sizes),
+        "6b": math.isqrt(ring.key_grid_slots(9)) / math.isqrt(ring.key_grid_slots(1)),
+        "7a": 1024 * 32 * 256 * torch.finfo(torch.float32).bits // 8 / 1e6,
+        "8a": verdicts[claims.better((2.10, 0.03, 5), (2.14, 0.03, 5))],
+        "8b": 4 * 32 / (n * n),
+        "9a": d_value,
+        "9b": traffic["indices all-gather"] / 1e6,
+    }
+
+
+def _sharding_allows(sharding, d_value, cores, world_size) -> bool:
+    try:
+        sharding.check_sharding(d_value, cores, world_size)
+    except ValueError:
+        return False
+    return True

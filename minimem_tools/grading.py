@@ -13,8 +13,10 @@ A grader is a pytest test that carries
 It receives the code under test from the ``solution`` fixture (``exercises/conftest.py``):
 the learner's stub module, or minimem's own implementation (``--reference``, mapped in
 ``exercises/reference.py``), or any mapping the caller passes (the CI meta-tests pass wrong
-solutions). :class:`GradingPlugin` chooses that code, enforces the time limits and records
-points and the first failing check of every exercise; :func:`format_table` prints the result.
+solutions). The conceptual questions' answers come from the ``answers`` fixture the same way
+(``exercises/questions.py``'s ANSWERS, or the reference's). :class:`GradingPlugin` chooses that code,
+enforces the time limits and records points and every failing check (message, failing input, the
+line where it failed); :func:`format_table` prints the result.
 
 Two ways to run the graders:
 
@@ -24,6 +26,12 @@ Two ways to run the graders:
   processes" below);
 - :func:`run_graders`: pytest in this process, for the CI meta-tests that pass solution
   objects (deliberately wrong ones) that a child process could not receive.
+
+Every run is deterministic: hypothesis draws its examples from one seed (``--seed``, default
+:data:`DEFAULT_SEED`, printed with the table), so the same code always gets the same score. The
+table lists every failing check of an exercise with its message, hypothesis's smallest failing
+input, the line of the learner's code where it failed and a command that re-runs just that check
+with the full traceback (``--traceback``).
 
 Time limits use SIGALRM and raise :class:`GraderTimeout`, a ``BaseException``: hypothesis
 catches ``Exception`` (and pytest's ``Failed``, which pytest-timeout raises) to shrink a failing
@@ -39,7 +47,10 @@ import importlib
 import json
 import math
 import os
+import random
+import re
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,6 +58,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +71,12 @@ from _pytest.junitxml import mangle_test_address  # how pytest's JUnit XML names
 from minimem_tools.cli import ArgumentParser, usage_error
 
 DEFAULT_TIME_LIMIT = 20.0  # seconds per grader test unless it says otherwise
+DEFAULT_SEED = 0  # hypothesis's seed unless --seed (or pytest's --hypothesis-seed) says otherwise
 LEARNER, REFERENCE = "learner", "reference"
+QUESTIONS = "questions"  # the pseudo chapter module of the conceptual questions (exercises/questions.py)
+# GradedTest.error of a NotImplementedError that a library call raised ("bincount" not implemented for
+# 'Double'): a bug to show, unlike a stub's own ``raise NotImplementedError`` ("not implemented yet")
+LIBRARY_NOT_IMPLEMENTED = "NotImplementedError (raised by a library call)"
 MARKERS = (
     "points(n): what a grader test is worth (minimem grade)",
     "exercise(name): the exercise stub function a grader test grades",
@@ -76,30 +93,62 @@ class GraderTimeout(BaseException):
 
 
 def _is_exercises_dir(path: Path) -> bool:
-    """A folder named ``exercises`` (it is imported as that package) with ``graders/`` and ``__init__.py``."""
+    """A folder with ``graders/`` and ``__init__.py``: the layout of ``exercises/`` (any name: it is
+    imported as the package ``exercises`` either way, see :func:`import_root`)."""
     path = path.resolve()
-    return path.name == "exercises" and (path / "graders").is_dir() and (path / "__init__.py").is_file()
+    return path.is_dir() and (path / "graders").is_dir() and (path / "__init__.py").is_file()
+
+
+def exercises_folder(path: Union[str, Path], what: str) -> Path:
+    """``path`` as an exercises folder (or the ``exercises/`` inside it); FileNotFoundError naming ``what``."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "exercises"):
+        if _is_exercises_dir(candidate):
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"{what}={path} is not an exercises folder (a folder holding graders/ and __init__.py, as "
+        "`minimem exercises init DIR` makes); point it at one"
+    )
 
 
 def find_exercises_dir() -> Path:
     """``$MINIMEM_EXERCISES`` when set (it must be an exercises folder), else ``./exercises``, else the
-    ``exercises/`` beside the package."""
+    ``exercises/`` beside the package (a checkout), else the installed minimem's copy."""
     if os.environ.get("MINIMEM_EXERCISES"):
         path = Path(os.environ["MINIMEM_EXERCISES"])
         if not _is_exercises_dir(path):
             raise FileNotFoundError(
-                f"MINIMEM_EXERCISES={path} is not an exercises folder (a folder named exercises holding graders/ "
+                f"MINIMEM_EXERCISES={path} is not an exercises folder (a folder holding graders/ "
                 "and __init__.py); point it at one, or unset it to grade ./exercises"
             )
         return path.resolve()
     candidates = [Path.cwd() / "exercises", Path(__file__).resolve().parents[1] / "exercises"]
+    with contextlib.suppress(Exception):  # an installed minimem: the copy it carries (minimem_tools.course)
+        from minimem_tools import course
+
+        candidates.append(Path(course.path("exercises")))
     for path in candidates:
         if _is_exercises_dir(path):
             return path.resolve()
     raise FileNotFoundError(
         "cannot find the exercises folder (looked in: " + ", ".join(str(p) for p in candidates) + "); "
-        "run minimem grade from the repository root or set MINIMEM_EXERCISES"
+        "run minimem grade from the repository root, or give --dir DIR"
     )
+
+
+def import_root(work: Optional[Path] = None) -> Path:
+    """A folder whose ``exercises`` is the exercises folder: its parent when it is named
+    ``exercises``, else ``work/root`` holding a link ``exercises`` to it (made once)."""
+    folder = find_exercises_dir()
+    if folder.name == "exercises":
+        return folder.parent
+    if work is None:
+        raise ValueError(f"{folder} is not named 'exercises': grading it needs a work folder for the link")
+    root = Path(work) / "root"
+    if not (root / "exercises").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "exercises").symlink_to(folder, target_is_directory=True)
+    return root
 
 
 def chapters() -> dict[int, str]:
@@ -176,6 +225,7 @@ class GradedTest:
     example: str = ""  # hypothesis's falsifying example, if any
     hint: str = ""
     seconds: float = 0.0
+    where: str = ""  # the learner's line where it failed ("ch2_product_keys.py:40 in f: code"), or the grader's
 
     @property
     def earned(self) -> int:
@@ -201,6 +251,10 @@ class ExerciseResult:
     def first_failure(self) -> Optional[GradedTest]:
         return next((t for t in self.tests if not t.passed), None)
 
+    @property
+    def failures(self) -> list[GradedTest]:
+        return [t for t in self.tests if not t.passed]
+
 
 @dataclass
 class GradeReport:
@@ -209,6 +263,10 @@ class GradeReport:
     errors: list[str] = field(default_factory=list)  # collection errors of grader files
     exit_code: int = 0
     ungraded: dict[int, str] = field(default_factory=dict)  # chapter -> why it scored 0 (run_isolated)
+    seed: int = DEFAULT_SEED  # hypothesis's seed
+    folder: str = ""  # the exercises folder graded (run_isolated), for the re-run commands
+    tracebacks: dict[int, str] = field(default_factory=dict)  # chapter -> pytest's failure report (traceback=True)
+    dir_option: str = ""  # the --dir the table's re-run commands repeat
 
     @property
     def earned(self) -> int:
@@ -241,21 +299,79 @@ def _falsifying_example(exc: BaseException) -> str:
     return ""
 
 
-def _describe(excinfo) -> tuple[str, str, str]:
-    """(exception type name, first line of its message, hypothesis's falsifying example or '')."""
-    exc = excinfo.value
-    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # hypothesis found several distinct failures
-        exc = exc.exceptions[0]
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions of a (nested) exception group, in order; [exc] for a plain exception."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _frame_text(frame: traceback.FrameSummary, base: Path) -> str:
+    path = Path(frame.filename)
+    with contextlib.suppress(ValueError, OSError):
+        path = path.resolve().relative_to(base)
+    code = (frame.line or "").strip()
+    return f"{path}:{frame.lineno} in {frame.name}" + (f": {code}" if code else "")
+
+
+def _frames(exc: BaseException, folder: Optional[Path]) -> tuple[Optional[Any], Optional[Any]]:
+    """(deepest frame of the learner's own files, deepest frame of a grader test file) of ``exc``'s traceback."""
+    learner = grader = helper = None
+    if folder is None:
+        return None, None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        try:
+            path = Path(frame.filename).resolve()
+        except (OSError, ValueError):
+            continue
+        if folder not in path.parents:
+            continue
+        parts = path.relative_to(folder).parts
+        if parts[0] == "graders":
+            if parts[-1].startswith("test_"):
+                grader = frame
+            else:
+                helper = frame
+        elif parts[-1] not in ("conftest.py", "reference.py", "test_graders.py"):
+            learner = frame
+    return learner, grader or helper
+
+
+def _folder() -> Optional[Path]:
+    try:
+        return find_exercises_dir()
+    except FileNotFoundError:
+        return None
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, str, str]:
+    """(exception type name, first line of its message, hypothesis's falsifying example or '', where it
+    failed): where is the deepest line of the learner's own files (the exercises folder outside
+    ``graders/``), else the grader line that found the failure. When hypothesis found several distinct
+    failures, one raised in the learner's code is described, and the message says how many there were."""
+    folder = _folder()
+    leaves = _leaves(exc)
+    exc = next((leaf for leaf in leaves if _frames(leaf, folder)[0] is not None), leaves[0])
     name = type(exc).__name__
     text = str(exc).strip()
     if isinstance(exc, NotImplementedError):
         text = text or "the exercise is not implemented yet"
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and not (frames[-1].line or "").lstrip().startswith("raise"):  # torch's "not implemented for ..."
+            name = LIBRARY_NOT_IMPLEMENTED
     elif isinstance(exc, AssertionError):
         text = text.split("\nassert ")[0]  # drop pytest's rewritten-assert explanation
     lines = [line for line in text.splitlines() if line.strip()]
-    return name, (lines[0] if lines else ""), _falsifying_example(exc)
+    message = lines[0] if lines else ""
+    if len(leaves) > 1:
+        message += f" (one of {len(leaves)} distinct failures hypothesis found; --traceback shows them all)"
+    learner, grader = _frames(exc, folder)
+    where = ""
+    if learner is not None:
+        where = "your code: " + _frame_text(learner, folder)
+    elif grader is not None:
+        where = "checked at: " + _frame_text(grader, folder)
+    return name, message, _falsifying_example(exc), where
 
 
 def _marker_arg(item, name: str, default: Any = None) -> Any:
@@ -287,6 +403,7 @@ class GradingPlugin:
         time_limit: Optional[float] = None,
         progress: bool = False,
         print_table: bool = False,
+        seed: Optional[int] = None,
     ):
         if isinstance(solutions, str) and solutions not in (LEARNER, REFERENCE):
             raise ValueError(f"solutions must be {LEARNER!r}, {REFERENCE!r} or a mapping, got {solutions!r}")
@@ -294,6 +411,8 @@ class GradingPlugin:
         self.time_limit = time_limit
         self.progress = progress
         self.print_table = print_table
+        self.seed = seed
+        self._saved_seed: Any = None
         self.results: list[GradedTest] = []
         self.errors: list[str] = []
         self._loaded: dict[str, Any] = {}
@@ -305,7 +424,8 @@ class GradingPlugin:
 
     # ----------------------------------------------------------------- the code under test
     def solutions_for(self, chapter_module: str) -> Any:
-        """The object whose attributes are chapter ``chapter_module``'s exercise functions."""
+        """The object whose attributes are chapter ``chapter_module``'s exercise functions (or, for
+        :data:`QUESTIONS`, the object whose ``ANSWERS`` are the answers to the conceptual questions)."""
         if chapter_module in self._loaded:
             return self._loaded[chapter_module]
         if isinstance(self.solutions, Mapping):
@@ -324,6 +444,21 @@ class GradingPlugin:
     def pytest_configure(self, config) -> None:
         for line in MARKERS:
             config.addinivalue_line("markers", line)
+        # One seed for every hypothesis test: the same code always gets the same examples, hence the same score.
+        given = config.getoption("hypothesis_seed", None) if self.seed is None else self.seed
+        try:
+            self.seed = DEFAULT_SEED if given is None else int(given)
+        except ValueError:
+            raise pytest.UsageError(f"--hypothesis-seed must be an integer, got {given!r}") from None
+        from hypothesis import core
+
+        self._saved_seed = core.global_force_seed
+        core.global_force_seed = self.seed
+
+    def pytest_unconfigure(self, config) -> None:
+        from hypothesis import core
+
+        core.global_force_seed = self._saved_seed
 
     def pytest_collectreport(self, report) -> None:
         if report.failed:
@@ -360,6 +495,9 @@ class GradingPlugin:
     def pytest_runtest_call(self, item):
         if not is_graded(item):
             return (yield)
+        random.seed(self.seed)  # the learner's own random draws, too, are the same in every run
+        if "torch" in sys.modules:
+            sys.modules["torch"].manual_seed(self.seed)
         with time_limit(self._limit(item), item.name):
             return (yield)
 
@@ -381,9 +519,14 @@ class GradingPlugin:
         if call.excinfo is None:
             result.passed = True
         else:
-            result.error, result.message, result.example = _describe(call.excinfo)
+            result.error, result.message, result.example, result.where = describe_failure(call.excinfo.value)
             # for the JUnit XML report of a child process (run_isolated): what the table shows
-            item.user_properties += [("error", result.error), ("message", result.message), ("example", result.example)]
+            item.user_properties += [
+                ("error", result.error),
+                ("message", result.message),
+                ("example", result.example),
+                ("where", result.where),
+            ]
         self.results.append(result)
         if self._bar is not None and call.when in ("call", "setup"):
             self._bar.update(1)
@@ -400,14 +543,21 @@ class GradingPlugin:
             terminalreporter.write_line(format_table(self.report()))
 
     def report(self, exit_code: int = 0) -> GradeReport:
-        return GradeReport(self.mode, list(self.results), list(self.errors), exit_code)
+        return GradeReport(
+            self.mode,
+            list(self.results),
+            list(self.errors),
+            exit_code,
+            seed=DEFAULT_SEED if self.seed is None else self.seed,
+        )
 
 
 # --------------------------------------------------------------------------- running
 
 
-def grader_files(chapter_numbers: Optional[Sequence[int]] = None) -> list[Path]:
-    graders = find_exercises_dir() / "graders"
+def grader_files(chapter_numbers: Optional[Sequence[int]] = None, root: Optional[Path] = None) -> list[Path]:
+    """The grader file of each chapter (all if empty), under ``root/exercises`` when given."""
+    graders = (root / "exercises" if root is not None else find_exercises_dir()) / "graders"
     numbers = sorted(chapters()) if not chapter_numbers else list(chapter_numbers)
     return [graders / f"test_ch{n}.py" for n in numbers]
 
@@ -419,6 +569,7 @@ def run_graders(
     select: Optional[str] = None,
     progress: bool = False,
     extra_args: Sequence[str] = (),
+    seed: Optional[int] = None,
 ) -> GradeReport:
     """Run the graders of ``chapter_numbers`` (all if empty) in this process; return the report.
 
@@ -428,8 +579,8 @@ def run_graders(
     """
     use_triton_interpreter()
     files = grader_files(chapter_numbers)
-    plugin = GradingPlugin(solutions, time_limit=time_limit, progress=progress)
-    root = find_exercises_dir().parent
+    plugin = GradingPlugin(solutions, time_limit=time_limit, progress=progress, seed=seed)
+    root = import_root()
     args = [str(f) for f in files] + [
         "-q",
         "-q",
@@ -492,13 +643,13 @@ def _child_dir(work: Path, name: str) -> Path:
     return here
 
 
-def _pytest_options(work: Path) -> list[str]:
-    """Options of every child: the config in ``work`` (see `_child_dir`), no cache, and of the
-    installed plugins only hypothesis's (`_run_child` turns autoloading off: nbval alone takes 5 s to import)."""
+def _pytest_options(work: Path, root: Path) -> list[str]:
+    """Options of every child: the config in ``work`` (see `_child_dir`), the import root, no cache, and of
+    the installed plugins only hypothesis's (`_run_child` turns autoloading off: nbval alone takes 5 s to import)."""
     return [
         "-c",
         str(work / "pytest.ini"),
-        f"--rootdir={find_exercises_dir().parent}",
+        f"--rootdir={root}",
         "-p",
         "no:cacheprovider",
         "-p",
@@ -508,8 +659,8 @@ def _pytest_options(work: Path) -> list[str]:
     ]
 
 
-def _run_child(argv: list[str], log: Path, seconds: float) -> tuple[int, bool]:
-    """Run ``argv`` beside the exercises folder, its output into ``log``: (exit status, killed on time).
+def _run_child(argv: list[str], log: Path, seconds: float, root: Path) -> tuple[int, bool]:
+    """Run ``argv`` in ``root`` (where ``exercises`` imports), its output into ``log``: (exit status, killed on time).
 
     The child leads its own process group; the group is killed when the child ends or runs
     past ``seconds`` (or this process is interrupted), so nothing it started lives on.
@@ -518,7 +669,7 @@ def _run_child(argv: list[str], log: Path, seconds: float) -> tuple[int, bool]:
     with open(log, "wb") as out:
         child = subprocess.Popen(
             argv,
-            cwd=find_exercises_dir().parent,
+            cwd=root,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -579,16 +730,16 @@ def collect_graders(out: str, args: Sequence[str]) -> int:
     return int(code)
 
 
-def _collect(work: Path, files: list[Path], select: Optional[str]) -> tuple[list[dict], list[str], int]:
+def _collect(work: Path, root: Path, files: list[Path], select: Optional[str]) -> tuple[list[dict], list[str], int]:
     """(graded tests, grader files that failed to load, pytest's exit status), from a clean child."""
     work = _child_dir(work, "collect")
     out, log = work / "collected.json", work / "output.log"
-    args = _pytest_options(work) + [str(f) for f in files] + (["-k", select] if select else [])
+    args = _pytest_options(work, root) + [str(f) for f in files] + (["-k", select] if select else [])
     program = (
         "import sys; from minimem_tools.grading import collect_graders; "
         "sys.exit(collect_graders(sys.argv[1], sys.argv[2:]))"
     )
-    code, killed = _run_child([sys.executable, "-c", program, str(out), *args], log, STARTUP_SECONDS * 2)
+    code, killed = _run_child([sys.executable, "-c", program, str(out), *args], log, STARTUP_SECONDS * 2, root)
     if code == pytest.ExitCode.USAGE_ERROR and select:
         raise ValueError(
             f"-k {select!r} is not a pytest -k expression ({_last_line(log)}); "
@@ -647,10 +798,30 @@ def _check_report(xml: Path, code: int, killed: bool, seconds: float, ids: list[
     return {by_address[(case.get("classname", ""), case.get("name", ""))]: case for case in cases}, ""
 
 
+def _failure_report(log: Path) -> str:
+    """pytest's failure sections from a child's output, without the canary's."""
+    text = log.read_text(errors="replace")
+    start = re.search(r"^=+ FAILURES =+$", text, flags=re.M)
+    if start is None:
+        return ""
+    end = re.search(r"^=+ (short test summary info|\d+ (failed|passed)).*=+$", text[start.end() :], flags=re.M)
+    body = text[start.end() : start.end() + end.start()] if end else text[start.end() :]
+    sections = re.split(r"(?m)^(?=_{3,} .+ _{3,}$)", body)
+    return "".join(part for part in sections if part.strip() and CANARY_NAME not in part.splitlines()[0]).strip()
+
+
 def _grade_chapter(
-    work: Path, tests: list[dict], solutions: str, time_limit: Optional[float], seconds: float
-) -> tuple[list[GradedTest], str]:
-    """Run one chapter's ``tests`` in a child process: (graded tests, why it scored 0 or '')."""
+    work: Path,
+    root: Path,
+    tests: list[dict],
+    solutions: str,
+    time_limit: Optional[float],
+    seconds: float,
+    seed: int,
+    tracebacks: bool = False,
+) -> tuple[list[GradedTest], str, str]:
+    """Run one chapter's ``tests`` in a child process: (graded tests, why it scored 0 or '', pytest's
+    failure report when ``tracebacks``)."""
     chapter = tests[0]["chapter"]
     work = _child_dir(work, f"ch{chapter}")
     xml, log = work / "report.xml", work / "output.log"
@@ -658,16 +829,17 @@ def _grade_chapter(
         sys.executable,
         "-m",
         "pytest",
-        *_pytest_options(work),
+        *_pytest_options(work, root),
         "-q",
-        "--tb=no",
+        "--tb=long" if tracebacks else "--tb=no",
+        f"--hypothesis-seed={seed}",
         f"--junitxml={xml}",
         *[t["id"] for t in tests],
         str(work / f"{CANARY_NAME}.py"),
     ]
     argv += ["--reference"] if solutions == REFERENCE else []
     argv += ["--time-limit", repr(time_limit)] if time_limit is not None else []
-    code, killed = _run_child(argv, log, seconds)
+    code, killed = _run_child(argv, log, seconds, root)
     cases, why = _check_report(xml, code, killed, seconds, [t["id"] for t in tests])
     graded = []
     for t in tests:
@@ -686,8 +858,10 @@ def _grade_chapter(
             result.error = details.get("error") or failure.tag
             result.message = details.get("message", (failure.get("message") or "").strip().split("\n")[0])
             result.example = details.get("example", "")
+            result.where = details.get("where", "")
         graded.append(result)
-    return graded, why
+    failures = _failure_report(log) if tracebacks and log.is_file() else ""
+    return graded, why, failures.replace(str(root / "exercises"), str(find_exercises_dir()))
 
 
 def run_isolated(
@@ -697,19 +871,23 @@ def run_isolated(
     select: Optional[str] = None,
     progress: bool = False,
     hard_limit: Optional[float] = None,
+    seed: int = DEFAULT_SEED,
+    tracebacks: bool = False,
 ) -> GradeReport:
     """Grade ``chapter_numbers`` (all if empty), each chapter in its own child process (see above).
 
     ``solutions``: ``"learner"`` or ``"reference"``; ``select``: a pytest ``-k`` expression;
     ``hard_limit``: seconds before a chapter's process is killed (default: the time limits of its
-    tests, twice, for setup and call, plus :data:`STARTUP_SECONDS`). ValueError for a bad ``select``.
+    tests, twice, for setup and call, plus :data:`STARTUP_SECONDS`); ``seed``: hypothesis's seed;
+    ``tracebacks``: keep pytest's full failure report of every chapter. ValueError for a bad ``select``.
     """
     if solutions not in (LEARNER, REFERENCE):
         raise ValueError(f"solutions must be {LEARNER!r} or {REFERENCE!r}, got {solutions!r}")
-    report = GradeReport(solutions)
+    report = GradeReport(solutions, seed=int(seed), folder=str(find_exercises_dir()))
     with tempfile.TemporaryDirectory(prefix="minimem-grade-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
-        collected, report.errors, report.exit_code = _collect(work, grader_files(chapter_numbers), select)
+        root = import_root(work)
+        collected, report.errors, report.exit_code = _collect(work, root, grader_files(chapter_numbers, root), select)
         bar = None
         if progress and collected:
             from tqdm import tqdm
@@ -718,10 +896,14 @@ def run_isolated(
         for chapter in sorted({t["chapter"] for t in collected}):
             tests = [t for t in collected if t["chapter"] == chapter]
             seconds = hard_limit or STARTUP_SECONDS + 2 * sum(time_limit or t["time_limit"] for t in tests)
-            graded, why = _grade_chapter(work, tests, solutions, time_limit, seconds)
+            graded, why, failures = _grade_chapter(
+                work, root, tests, solutions, time_limit, seconds, report.seed, tracebacks
+            )
             report.tests += graded
             if why:
                 report.ungraded[chapter] = why
+            if failures:
+                report.tracebacks[chapter] = failures
             if bar is not None:
                 bar.update(len(tests))
         if bar is not None:
@@ -736,14 +918,37 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _selector(test_id: str) -> str:
+    """A ``-k`` expression that selects the grader test ``test_id`` (its class and name)."""
+    names = test_id.split("::")[1:]
+    return " and ".join(names) if names else test_id
+
+
+def rerun_command(report: GradeReport, test: GradedTest) -> str:
+    """The command that re-runs one failing check alone, with pytest's full traceback."""
+    argv = ["minimem", "grade"]
+    if report.dir_option:
+        argv += ["--dir", report.dir_option]
+    argv += [str(test.chapter), "-k", _selector(test.name)]
+    if report.solutions == REFERENCE:
+        argv.append("--reference")
+    if report.seed != DEFAULT_SEED:
+        argv += ["--seed", str(report.seed)]
+    return shlex.join(argv + ["--traceback"])
+
+
 def format_table(report: GradeReport, width: int = 100) -> str:
-    """Exercise, points earned of possible, and the first failing check with its message and hint."""
+    """Exercise and points earned of possible; below a failing exercise, every failing check with its
+    message, failing input, the line where it failed, a hint and the command that re-runs it."""
     head = {
         LEARNER: "your solutions in exercises/ (minimem grade --reference grades minimem's own code)",
         REFERENCE: "minimem's own implementation (exercises/reference.py)",
     }.get(report.solutions, "custom solutions")
-    lines = [f"Graded: {head}", ""]
-    lines.append(f"{'':3}{'#':<5} {'exercise':<30} {'points':>7}   first failing check")
+    if report.dir_option:
+        head = head.replace("exercises/", f"{report.dir_option}/", 1)
+    seed = f"hypothesis seed {report.seed} (every run draws the same examples; --seed N draws others)"
+    lines = [f"Graded: {head}", seed, ""]
+    lines.append(f"{'':3}{'#':<5} {'exercise':<30} {'points':>7}   failing checks")
     lines.append("-" * width)
     by_chapter: dict[int, list[int]] = {}
     indent = " " * 10
@@ -751,22 +956,46 @@ def format_table(report: GradeReport, width: int = 100) -> str:
         tally = by_chapter.setdefault(ex.chapter, [0, 0])
         tally[0] += ex.earned
         tally[1] += ex.possible
-        fail = ex.first_failure
-        mark = "ok" if fail is None else ""
-        check = ""
-        if fail is not None:
-            check = {"NotImplementedError": "not implemented yet", NOT_GRADED: "chapter not graded (see below)"}.get(
-                fail.error, fail.name.split("::")[-1]
+        failures = ex.failures
+        real = [t for t in failures if t.error not in ("NotImplementedError", NOT_GRADED)]
+        missing = len(failures) - len(real)
+        if not failures:
+            mark, summary = "ok", ""
+        elif any(t.error == NOT_GRADED for t in failures):
+            mark, summary = "", "chapter not graded (see below)"
+        elif not real:
+            mark, summary = "", "not implemented yet"
+        else:
+            mark = ""
+            summary = f"{len(real)} of {len(ex.tests)} checks fail"
+            if missing:
+                summary += f" ({missing} more not implemented yet)"
+        lines.append(f"{mark:<3}{ex.number:<5} {_clip(ex.name, 30):<30} {ex.earned:>3}/{ex.possible:<3}   {summary}")
+        for fail in real:
+            check = fail.name.split("::")[-1]
+            lines += textwrap.wrap(
+                f"x {check} ({fail.points} point{'s' if fail.points != 1 else ''}): "
+                + (f"{fail.error}: {fail.message}" if fail.message else fail.error),
+                width,
+                initial_indent=indent,
+                subsequent_indent=indent + "    ",
             )
-        lines.append(f"{mark:<3}{ex.number:<5} {_clip(ex.name, 30):<30} {ex.earned:>3}/{ex.possible:<3}   {check}")
-        if fail is not None and fail.error not in ("NotImplementedError", NOT_GRADED):
-            details = [f"{fail.error}: {fail.message}" if fail.message else fail.error]
+            details = []
             if fail.example:
-                details.append(f"example: {fail.example}")
+                details.append(f"failing input: {fail.example}")
             if fail.hint:
                 details.append(f"hint: {fail.hint}")
             for detail in details:
-                lines += textwrap.wrap(detail, width, initial_indent=indent, subsequent_indent=indent + "  ")
+                lines += textwrap.wrap(
+                    detail,
+                    width,
+                    initial_indent=indent + "  ",
+                    subsequent_indent=indent + "    ",
+                    break_on_hyphens=False,
+                )
+            if fail.where:  # one line each: the code as written, the command to copy
+                lines.append(f"{indent}  {fail.where}")
+            lines.append(f"{indent}  re-run: {rerun_command(report, fail)}")
     lines.append("-" * width)
     for error in report.errors:
         lines.append(f"grader error: {_clip(error, width - 14)}")
@@ -777,6 +1006,8 @@ def format_table(report: GradeReport, width: int = 100) -> str:
         lines.append(chapter_totals)
     percent = 100.0 * report.earned / report.possible if report.possible else 0.0
     lines.append(f"total: {report.earned}/{report.possible} points ({percent:.0f}%)")
+    for chapter, text in sorted(report.tracebacks.items()):
+        lines += ["", f"{'=' * 30} chapter {chapter}: pytest's failure report {'=' * 30}", text]
     return "\n".join(lines)
 
 
@@ -784,14 +1015,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     prog = "minimem grade"
     parser = ArgumentParser(
         prog=prog,
-        description="Grade the exercises in exercises/ (or, with --reference, minimem's own implementation); "
-        "each chapter runs in its own process. MINIMEM_EXERCISES names another exercises folder.",
+        description="Grade the exercises in exercises/ (or --dir DIR; or, with --reference, minimem's own "
+        "implementation); each chapter runs in its own process. MINIMEM_EXERCISES names another exercises folder.",
     )
-    parser.add_argument("chapters", nargs="*", metavar="CHAPTER", help="chapter number(s) 1-7 (default: all)")
+    parser.add_argument("chapters", nargs="*", metavar="CHAPTER", help="chapter number(s) 1-9 (default: all)")
     parser.add_argument("--reference", action="store_true", help="grade minimem's own implementation")
+    parser.add_argument(
+        "--dir",
+        dest="folder",
+        default=None,
+        help="the exercises folder to grade (`minimem exercises init DIR` makes one)",
+    )
     parser.add_argument("-k", dest="select", default=None, help="only graders matching this pytest -k expression")
     parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds per grader test (default: each test's own)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"hypothesis's seed (default {DEFAULT_SEED}: the same every run)"
+    )
+    parser.add_argument(
+        "--traceback", action="store_true", help="print pytest's full failure report (tracebacks) after the table"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.time_limit is not None and not 0 < args.time_limit < math.inf:
@@ -800,7 +1043,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"--time-limit must be a positive number of seconds, got {args.time_limit:g}; "
             "leave it out to use each grader's own limit",
         )
+    if not 0 <= args.seed < 2**32:
+        return usage_error(prog, f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    saved = os.environ.get("MINIMEM_EXERCISES")
     try:
+        if args.folder is not None:
+            os.environ["MINIMEM_EXERCISES"] = str(exercises_folder(args.folder, "--dir"))
         find_exercises_dir()
         numbers = [parse_chapter(c) for c in args.chapters]
         report = run_isolated(
@@ -809,9 +1057,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.time_limit,
             args.select,
             progress=sys.stderr.isatty(),
+            seed=args.seed,
+            tracebacks=args.traceback,
         )
     except (ValueError, FileNotFoundError) as err:
         return usage_error(prog, str(err))
+    finally:
+        if args.folder is not None:
+            if saved is None:
+                os.environ.pop("MINIMEM_EXERCISES", None)
+            else:
+                os.environ["MINIMEM_EXERCISES"] = saved
+    report.dir_option = args.folder or ""
     if not report.tests and not report.errors and args.select:
         return usage_error(
             prog, f"-k {args.select!r} matches no grader test; give an exercise or grader name such as product_key_topk"

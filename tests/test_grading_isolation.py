@@ -104,10 +104,13 @@ def hostile_run(tmp_path_factory):
         "from exercises.reference import REFERENCES, namespace\n\n"
         f"globals().update({{name: getattr(namespace({good!r}), name) for name in REFERENCES[{good!r}]}})\n"
     )
+    (exercises / "questions.py").write_text(  # the solved chapter's questions are answered too
+        "from exercises.reference import question_answers\n\nANSWERS = question_answers()\n"
+    )
     saved = os.environ.get("MINIMEM_EXERCISES")
     os.environ["MINIMEM_EXERCISES"] = str(exercises)
     try:
-        report = grading.run_isolated(time_limit=5.0, hard_limit=HARD_LIMIT)
+        report = grading.run_isolated(sorted([*hostile_chapters, GOOD_CHAPTER]), time_limit=5.0, hard_limit=HARD_LIMIT)
     finally:
         if saved is None:
             del os.environ["MINIMEM_EXERCISES"]
@@ -205,6 +208,10 @@ BAD_INPUT = [  # (argv, MINIMEM_EXERCISES or None, fragment of the one stderr li
     (["2"], "{tmp}/exercises/graders", "is not an exercises folder"),
     (["6", "-k", "no_such_exercise"], None, "-k 'no_such_exercise' matches no grader test"),
     (["6", "-k", "mcp_percent and ("], None, "-k 'mcp_percent and (' is not a pytest -k expression"),
+    (["--dir", "{tmp}/nowhere", "2"], None, "--dir={tmp}/nowhere is not an exercises folder"),
+    (["--dir", "{tmp}/a_file"], None, "--dir={tmp}/a_file is not an exercises folder"),
+    (["--seed", "-1"], None, "--seed must be an integer in [0, 2**32), got -1"),
+    (["--seed", "soon"], None, "argument --seed: invalid int value: 'soon'"),
 ]
 
 
@@ -217,7 +224,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, argv, exercises, fragment):
     if exercises is not None:
         env["MINIMEM_EXERCISES"] = exercises.format(tmp=tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "minimem_tools.cli", "grade", *argv],
+        [sys.executable, "-m", "minimem_tools.cli", "grade", *[arg.format(tmp=tmp_path) for arg in argv]],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -7,10 +7,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from exercises.graders.helpers import GRADER_SETTINGS, assert_close, check_grads, check_tensor, randn, seeds
+from exercises.graders.answer_keys import questions_class
+from exercises.graders.helpers import (
+    GRADER_SETTINGS,
+    assert_close,
+    assert_close_dtype,
+    check_grads,
+    check_tensor,
+    float32_copies,
+    raises_naming,
+    randn,
+    relative_gap,
+    seeds,
+)
 
 CHAPTER = 1
 
@@ -60,11 +72,26 @@ class TestSwigluFFN:
         check_grads(out, reference.swiglu_ffn(*inputs), inputs, ("x", "w1", "w3", "w2"), seed)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("compare w3.shape with w1.shape and raise ValueError mentioning 'w3'")
-    def test_rejects_mismatched_gate(self, solution):
+    @pytest.mark.hint("float32 in, float32 out: compute in the inputs' dtype (no .double() on the way)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(T=st.integers(1, 6), h=st.integers(1, 8), d_ff=st.integers(1, 12), seed=seeds)
+    def test_float32(self, solution, reference, T, h, d_ff, seed):
+        low, high = float32_copies(*_swiglu_inputs(seed, T, h, d_ff))
+        out = solution.swiglu_ffn(*low)
+        assert_close_dtype(out, reference.swiglu_ffn(*high), "swiglu_ffn of float32 inputs", torch.float32)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("check every argument: w3 like w1, w2 (h, d_ff), x (T, h); raise ValueError naming it")
+    def test_rejects_bad_shapes(self, solution):
         x, w1, w3, w2 = _swiglu_inputs(0, 2, 4, 6)
-        with pytest.raises(ValueError, match="w3"):
+        with raises_naming("w3"):
             solution.swiglu_ffn(x, w1, w3[:5], w2)
+        with raises_naming("w2"):
+            solution.swiglu_ffn(x, w1, w3, w2[:, :5])
+        with raises_naming("w2"):
+            solution.swiglu_ffn(x, w1, w3, w2[:3])
+        with raises_naming("x"):
+            solution.swiglu_ffn(x[:, :3], w1, w3, w2)
 
 
 # --------------------------------------------------------------------------- 1.2 moe_forward
@@ -159,11 +186,25 @@ class TestMoEForward:
         )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("check 1 <= top_k <= E before routing and raise ValueError mentioning 'top_k'")
+    @pytest.mark.hint("float32 in, float32 out (softmax, experts and sum in the inputs' dtype)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=moe_shapes(), seed=seeds)
+    def test_float32(self, solution, reference, shape, seed):
+        low, high = float32_copies(*_moe_inputs(seed, shape["T"], shape["h"], shape["E"], shape["d"]))
+        probs = torch.sort(torch.softmax(high[0] @ high[1].T, dim=-1), dim=-1, descending=True).values
+        assume(relative_gap(probs, shape["k"]) > 1e-4)  # no near-tie at the top-k boundary: float32 picks the same
+        result = solution.moe_forward(*low, shape["k"])
+        _check_moe_output(result, shape["T"], shape["h"], torch.float32)
+        out, aux = reference.moe_forward(*high, shape["k"])
+        assert_close_dtype(result[0], out, "out of float32 inputs", torch.float32)
+        assert_close(result[1].double(), aux.double(), "aux_loss of float32 inputs", rtol=1e-4, check_dtype=False)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("check 1 <= top_k <= E before routing and raise ValueError naming top_k")
     def test_rejects_bad_top_k(self, solution):
         x, router, w13, w2 = _moe_inputs(0, 4, 3, 4, 2)
         for bad in (0, 5):
-            with pytest.raises(ValueError, match="top_k"):
+            with raises_naming("top_k"):
                 solution.moe_forward(x, router, w13, w2, bad)
 
 
@@ -217,7 +258,7 @@ class TestExpectedDistinct:
     @pytest.mark.points(1)
     @pytest.mark.hint("raise ValueError naming per_token when it exceeds the population")
     def test_rejects_too_many_per_token(self, solution):
-        with pytest.raises(ValueError, match="per_token"):
+        with raises_naming("per_token"):
             solution.expected_distinct(8, 9, 10)
 
 
@@ -271,3 +312,6 @@ class TestMoEBytesPerToken:
                 f"100000 tokens read all {expert_params} expert parameters (4 bytes each) once: "
                 f"{expert_params * 4 / 100_000} bytes per token, got {got!r}"
             )
+
+
+TestQuestions = questions_class(CHAPTER)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from exercises.graders.answer_keys import questions_class
 from exercises.graders.helpers import (
     GRADER_SETTINGS,
-    LargestTensor,
     assert_close,
+    assert_close_dtype,
     assert_equal,
     check_grads,
     check_tensor,
+    check_work_growth,
+    float32_copies,
+    raises_naming,
     randn,
+    relative_gap,
     seeds,
 )
 
@@ -107,12 +112,28 @@ class _Common:
         check_grads(scores, expected, inputs, ("q1", "q2", "keys1", "keys2"), seed)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError mentioning 'm' unless 1 <= m <= n")
-    def test_rejects_bad_m(self, solution):
+    @pytest.mark.hint("float32 queries and keys give float32 scores (select and score in the inputs' dtype)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=retrieval_shapes(), seed=seeds)
+    def test_float32(self, solution, shape, seed):
+        T, m = shape["T"], shape["m"]
+        low, high = float32_copies(*_inputs(seed, T, shape["d"], shape["n"]))
+        best = torch.sort(all_slot_scores(*high), dim=1, descending=True)
+        assume(relative_gap(best.values, m) > 1e-4)  # the m-th and (m+1)-th slots are apart in float32 too
+        scores, indices = _check_result(self.call(solution, *low, m), T, m, torch.float32)
+        assert_close_dtype(scores, best.values[:, :m], "scores of float32 inputs", torch.float32)
+        assert_equal(torch.sort(indices, dim=1).values, torch.sort(best.indices[:, :m], dim=1).values, "indices")
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("raise ValueError naming m unless 1 <= m <= n, and ValueError when the shapes do not fit")
+    def test_rejects_bad_arguments(self, solution):
         q1, q2, k1, k2 = _inputs(0, 2, 3, 4)
         for bad in (0, 5):
-            with pytest.raises(ValueError, match="m"):
+            with raises_naming("m"):
                 self.call(solution, q1, q2, k1, k2, bad)
+        for args in ((q1[:, :2], q2, k1, k2), (q1, q2[:1], k1, k2), (q1, q2, k1[:3], k2), (q1, q2, k1, k2[:, :2])):
+            with pytest.raises(ValueError):
+                self.call(solution, *args, 2)
 
 
 @pytest.mark.exercise("brute_force_topk")
@@ -125,19 +146,21 @@ class TestProductKeyTopk(_Common):
     FUNCTION = "product_key_topk"
 
     @pytest.mark.points(2)
-    @pytest.mark.hint("never form all n*n slot scores: top-m rows, top-m columns, then the m x m grid only")
+    @pytest.mark.hint(
+        "never score all n*n slots, not even a few rows at a time: top-m rows, top-m columns, then the m x m grid"
+    )
     def test_never_scores_all_slots(self, solution):
-        T, d, n, m = 4, 8, 128, 4
-        q1, q2, k1, k2 = _inputs(7, T, d, n)
-        with LargestTensor() as probe:
-            result = solution.product_key_topk(q1, q2, k1, k2, m)
-        scores, indices = _check_result(result, T, m, q1.dtype)
-        limit = T * n * n // 8
-        if probe.largest >= limit:
-            raise AssertionError(
-                f"a tensor of {probe.largest} elements (from {probe.where}) was built: that is all {n * n} slots "
-                f"of the {T} queries; the candidate grid needs only T * m * m = {T * m * m}"
-            )
+        T, d, m = 4, 4, 4
+
+        def run(n):
+            q1, q2, k1, k2 = _inputs(7, T, d, n)
+            scores, indices = _check_result(solution.product_key_topk(q1, q2, k1, k2, m), T, m, q1.dtype)
+            return scores
+
+        # the right method's work grows like n (2n sub-key scores), scoring every slot like N = n^2: 16x vs 256x
+        check_work_growth(run, 32, 512, 64, "n (N = n^2 slots)", "2n sub-key scores plus the m x m grid grow like n")
+        q1, q2, k1, k2 = _inputs(7, T, d, 128)
+        scores, indices = _check_result(solution.product_key_topk(q1, q2, k1, k2, m), T, m, q1.dtype)
         _check_against_all_slots(scores, indices, q1, q2, k1, k2, m, exact_indices=True)
 
     @pytest.mark.points(1)
@@ -150,3 +173,6 @@ class TestProductKeyTopk(_Common):
         want_scores, want_indices = reference.product_key_topk(q1, q2, k1, k2, m)
         assert_close(scores, want_scores, "scores", rtol=1e-9, atol=1e-9)
         assert_equal(indices, want_indices, "indices")
+
+
+TestQuestions = questions_class(CHAPTER)

@@ -6,10 +6,23 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from exercises.graders.helpers import GRADER_SETTINGS, assert_close, check_grads, check_tensor, randn, seeds
+from exercises.graders.answer_keys import questions_class
+from exercises.graders.helpers import (
+    DTYPE_TOLERANCE,
+    GRADER_SETTINGS,
+    assert_close,
+    assert_close_dtype,
+    check_grads,
+    check_tensor,
+    float32_copies,
+    raises_naming,
+    randn,
+    relative_gap,
+    seeds,
+)
 
 CHAPTER = 3
 
@@ -47,10 +60,20 @@ class TestKLFromUniform:
     @pytest.mark.points(1)
     @pytest.mark.hint("uniform use gives 0; all mass on one slot gives log N")
     def test_limits(self, solution):
-        _close(solution.kl_from_uniform(torch.full((16,), 3.0)), 0.0, "KL of uniform counts")
+        _close(solution.kl_from_uniform(torch.full((16,), 3.0, dtype=torch.float64)), 0.0, "KL of uniform counts")
         one_hot = torch.zeros(16, dtype=torch.float64)
         one_hot[5] = 2.0
         _close(solution.kl_from_uniform(one_hot), math.log(16), "KL of one used slot")
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("float32 and integer counts work too (a Python float either way)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(z=slot_counts())
+    def test_float32_and_integer_counts(self, solution, z):
+        want = kl_loop(z.tolist())
+        tol = DTYPE_TOLERANCE[torch.float32] * max(abs(want), 1.0)  # float32 arithmetic is allowed here
+        _close(solution.kl_from_uniform(z.float()), want, "kl_from_uniform of float32 counts", rel=tol, abs_=tol)
+        _close(solution.kl_from_uniform(z.long()), want, "kl_from_uniform of int64 counts", rel=tol, abs_=tol)
 
     @pytest.mark.points(1)
     @pytest.mark.hint("the same value as minimem.metrics.kl_from_uniform on weight masses")
@@ -61,10 +84,10 @@ class TestKLFromUniform:
         _close(solution.kl_from_uniform(z), reference.kl_from_uniform(z), "kl_from_uniform")
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError mentioning 'z' for a negative entry or an all-zero z")
+    @pytest.mark.hint("raise ValueError naming z for a negative entry, an all-zero z, an empty or a 2-D z")
     def test_rejects_bad_counts(self, solution):
-        for bad in (torch.tensor([1.0, -1.0, 2.0]), torch.zeros(4)):
-            with pytest.raises(ValueError, match="z"):
+        for bad in (torch.tensor([1.0, -1.0, 2.0]), torch.zeros(4), torch.zeros(0), torch.ones(2, 3)):
+            with raises_naming("z"):
                 solution.kl_from_uniform(bad)
 
 
@@ -135,14 +158,24 @@ class TestUsageMetrics:
             "usage_metrics",
         )
 
-    @pytest.mark.points(1)
-    @pytest.mark.hint("check 0 <= indices < n_slots and weights >= 0; raise ValueError naming the argument")
+    @pytest.mark.points(2)
+    @pytest.mark.hint(
+        "check every argument: indices int64 in [0, n_slots), n_slots >= 1, weights of indices' shape and >= 0"
+    )
     def test_rejects_bad_input(self, solution):
         indices = torch.tensor([[0, 3], [2, 2]])
-        with pytest.raises(ValueError, match="indices"):
-            solution.usage_metrics(indices, 3)
-        with pytest.raises(ValueError, match="weights"):
-            solution.usage_metrics(indices, 4, torch.tensor([[0.5, -0.1], [0.2, 0.2]], dtype=torch.float64))
+        good_weights = torch.tensor([[0.5, 0.1], [0.2, 0.2]], dtype=torch.float64)
+        cases = [
+            ("indices", (indices, 3, None)),  # 3 is not < n_slots
+            ("indices", (indices - 1, 4, None)),  # -1
+            ("indices", (indices.double(), 4, None)),  # not int64
+            ("n_slots", (indices, 0, None)),
+            ("weights", (indices, 4, torch.tensor([[0.5, -0.1], [0.2, 0.2]], dtype=torch.float64))),
+            ("weights", (indices, 4, good_weights[:, :1])),  # another shape
+        ]
+        for name, args in cases:
+            with raises_naming(name):
+                solution.usage_metrics(*args)
 
 
 # --------------------------------------------------------------------------- 3.3 pkm_queries
@@ -221,11 +254,25 @@ class TestPKMQueries:
                 )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError naming 'norm' and listing 'layernorm', 'batchnorm', 'none'")
-    def test_rejects_unknown_norm(self, solution):
+    @pytest.mark.hint("float32 in, float32 out (the normalisation in the inputs' dtype)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=query_shapes(), norm=st.sampled_from(["layernorm", "batchnorm", "none"]), seed=seeds)
+    def test_float32(self, solution, reference, shape, norm, seed):
+        low, high = float32_copies(*_query_inputs(seed, **shape))
+        q = solution.pkm_queries(*low, norm)
+        assert_close_dtype(q, reference.pkm_queries(*high, norm), f"{norm} queries of float32 inputs", torch.float32)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint(
+        "raise ValueError naming norm and listing 'layernorm', 'batchnorm', 'none'; and naming x for batchnorm "
+        "of one token"
+    )
+    def test_rejects_bad_arguments(self, solution):
         x, w_query = _query_inputs(0, 3, 4, 1, 2)
-        with pytest.raises(ValueError, match="norm"):
+        with raises_naming("norm", also=("layernorm", "batchnorm", "none")):
             solution.pkm_queries(x, w_query, "rmsnorm")
+        with raises_naming("x"):
+            solution.pkm_queries(x[:1], w_query, "batchnorm")
 
 
 # --------------------------------------------------------------------------- 3.4 pkm_forward
@@ -269,6 +316,16 @@ def pkm_loop(x, w_query, keys1, keys2, values, m):
     return out
 
 
+def _retrieval_gap(x, w_query, keys1, keys2, values, m):
+    """The smallest relative gap, over tokens and heads, between the m-th and (m+1)-th slot score."""
+    H, D, _ = w_query.shape
+    q = torch.nn.functional.layer_norm(torch.einsum("kdh,th->tkd", w_query, x), (D,), eps=1e-5)
+    s1 = torch.einsum("tkd,knd->tkn", q[..., : D // 2], keys1)
+    s2 = torch.einsum("tkd,knd->tkn", q[..., D // 2 :], keys2)
+    slots = torch.sort((s1[..., :, None] + s2[..., None, :]).flatten(2), dim=-1, descending=True).values
+    return relative_gap(slots, m)
+
+
 @pytest.mark.exercise("pkm_forward")
 class TestPKMForward:
     @pytest.mark.points(3)
@@ -290,6 +347,16 @@ class TestPKMForward:
         out = solution.pkm_forward(*inputs, shape["m"])
         assert_close(out, reference.pkm_forward(*inputs, shape["m"]), "out", rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.points(1)
+    @pytest.mark.hint("float32 in, float32 out: queries, retrieval, softmax and the sum in the inputs' dtype")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=pkm_shapes(), seed=seeds)
+    def test_float32(self, solution, shape, seed):
+        low, high = float32_copies(*_pkm_inputs(seed, **shape))
+        assume(_retrieval_gap(*high, shape["m"]) > 1e-4)  # float32 selects the same slots as float64
+        out = solution.pkm_forward(*low, shape["m"])
+        assert_close_dtype(out, pkm_loop(*high, shape["m"]), "out of float32 inputs", torch.float32)
+
     @pytest.mark.points(2)
     @pytest.mark.hint("gradients flow through the softmax weights into queries and keys, and into the value rows")
     @GRADER_SETTINGS
@@ -306,3 +373,6 @@ class TestPKMForward:
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+TestQuestions = questions_class(CHAPTER)

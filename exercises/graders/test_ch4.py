@@ -5,16 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from exercises.graders.answer_keys import questions_class
 from exercises.graders.helpers import (
     GRADER_SETTINGS,
-    LargestTensor,
     assert_close,
+    assert_close_dtype,
     check_grads,
     check_tensor,
+    check_work_growth,
+    float32_copies,
+    raises_naming,
     randn,
+    relative_gap,
     seeds,
 )
 
@@ -81,23 +86,35 @@ class TestPEERExperts:
         check_grads(out, expected, (x, weights, down, up), ("x", "weights", "down", "up"), seed)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("gather the k chosen rows; x @ down.T scores all N experts, which PEER must never do")
+    @pytest.mark.hint(
+        "gather the k chosen rows; x @ down.T scores all N experts (whole or in chunks), which PEER must never do"
+    )
     def test_reads_only_the_chosen_experts(self, solution):
+        def run(n):  # N = n^2 experts, the same 4 tokens with 8 chosen experts each
+            x, indices, weights, down, up = _expert_inputs(3, 4, 8, n, 8)
+            return solution.peer_experts(x, indices, weights, down, up, "gelu")
+
+        check_work_growth(run, 16, 128, 4, "N (experts)", "k gathered experts per token: no growth with N")
         x, indices, weights, down, up = _expert_inputs(3, 4, 8, 64, 8)  # N = 4096 experts
-        with LargestTensor() as probe:
-            out = solution.peer_experts(x, indices, weights, down, up, "gelu")
-        if probe.largest >= 4 * 4096 // 2:
-            raise AssertionError(
-                f"a tensor of {probe.largest} elements (from {probe.where}) was built: the tokens were scored "
-                "against all 4096 experts instead of their 8 chosen ones"
-            )
+        out = solution.peer_experts(x, indices, weights, down, up, "gelu")
         assert_close(out, experts_loop(x, indices, weights, down, up, "gelu"), "out", rtol=1e-6, atol=1e-8)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError naming 'activation' for an unknown activation")
+    @pytest.mark.hint("float32 in, float32 out (gathers, activation and sum in the inputs' dtype)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=expert_shapes(), activation=activations, seed=seeds)
+    def test_float32(self, solution, shape, activation, seed):
+        x, indices, weights, down, up = _expert_inputs(seed, **shape)
+        (x, weights, down, up), (x64, w64, d64, u64) = float32_copies(x, weights, down, up)
+        out = solution.peer_experts(x, indices, weights, down, up, activation)
+        want = experts_loop(x64, indices, w64, d64, u64, activation)
+        assert_close_dtype(out, want, f"out of float32 inputs ({activation})", torch.float32)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("raise ValueError naming activation and listing gelu, relu, sigmoid, silu and none")
     def test_rejects_unknown_activation(self, solution):
         inputs = _expert_inputs(0, 2, 4, 2, 2)
-        with pytest.raises(ValueError, match="activation"):
+        with raises_naming("activation", also=tuple(ACTIVATIONS)):
             solution.peer_experts(*inputs, "tanh")
 
 
@@ -140,6 +157,15 @@ def peer_loop(x, w_query, keys1, keys2, down, up, m, activation):
     return out
 
 
+def _routing_gap(x, w_query, keys1, keys2, m):
+    """The smallest relative gap, over tokens and heads, between the m-th and (m+1)-th slot score."""
+    D = w_query.shape[1]
+    q = F.layer_norm(torch.einsum("kdh,th->tkd", w_query, x), (D,), eps=1e-5)
+    s1 = torch.einsum("tkd,knd->tkn", q[..., : D // 2], keys1)
+    s2 = torch.einsum("tkd,knd->tkn", q[..., D // 2 :], keys2)
+    return relative_gap(torch.sort((s1[..., :, None] + s2[..., None, :]).flatten(2), -1, descending=True).values, m)
+
+
 @pytest.mark.exercise("peer_forward")
 class TestPEERForward:
     @pytest.mark.points(3)
@@ -161,6 +187,18 @@ class TestPEERForward:
         out = solution.peer_forward(*inputs, shape["m"])
         assert_close(out, reference.peer_forward(*inputs, shape["m"]), "out", rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.points(1)
+    @pytest.mark.hint("float32 in, float32 out; and an unknown activation is a ValueError naming the allowed ones")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=peer_shapes(), activation=activations, seed=seeds)
+    def test_float32_and_bad_activation(self, solution, shape, activation, seed):
+        low, high = float32_copies(*_peer_inputs(seed, **shape))
+        assume(_routing_gap(*high[:4], shape["m"]) > 1e-4)  # float32 routes like float64
+        out = solution.peer_forward(*low, shape["m"], activation)
+        assert_close_dtype(out, peer_loop(*high, shape["m"], activation), "out of float32 inputs", torch.float32)
+        with raises_naming("activation", also=tuple(ACTIVATIONS)):
+            solution.peer_forward(*low, shape["m"], "tanh")
+
     @pytest.mark.points(2)
     @pytest.mark.hint("gradients reach the queries and keys through the softmax, and the experts' vectors directly")
     @GRADER_SETTINGS
@@ -177,3 +215,6 @@ class TestPEERForward:
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+TestQuestions = questions_class(CHAPTER)

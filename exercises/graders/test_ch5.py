@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from exercises.graders.answer_keys import questions_class
 from exercises.graders.helpers import (
     GRADER_SETTINGS,
-    LargestTensor,
     assert_close,
+    assert_close_dtype,
     assert_equal,
     check_grads,
     check_tensor,
+    check_work_growth,
+    float32_copies,
+    raises_naming,
     randn,
     seeds,
 )
@@ -79,10 +83,26 @@ class TestRank1Core:
         assert_close(t, sign * b / b.norm(), "t of a b^T", rtol=1e-7, atol=1e-9)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError mentioning 'core' unless it is (r, r)")
+    @pytest.mark.hint("float32 core, float32 u and t (the SVD in the core's dtype)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(r=st.integers(1, 5), seed=seeds)
+    def test_float32(self, solution, r, seed):
+        (core,), (core64,) = float32_copies(randn(seed, r, r))
+        u, t = _pair(solution.rank1_core(core), "u", "t")
+        check_tensor(u, "u", (r,), torch.float32)
+        check_tensor(t, "t", (r,), torch.float32)
+        U, S, Vh = torch.linalg.svd(core64)
+        assume(r == 1 or float(S[0] - S[1]) > 1e-3 * float(S[0]))  # a leading pair float32 resolves too
+        assert_close_dtype(torch.outer(u, t), torch.outer(U[:, 0], Vh[0]), "u t^T of a float32 core", torch.float32)
+        if not u[int(u.abs().argmax())] > 0:
+            raise AssertionError(f"sign rule: u's largest |entry| must be positive, u = {u.tolist()}")
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("raise ValueError naming core unless it is a square 2-D (r, r) tensor")
     def test_rejects_non_square_core(self, solution):
-        with pytest.raises(ValueError, match="core"):
-            solution.rank1_core(torch.ones(2, 3))
+        for bad in (torch.ones(2, 3), torch.ones(3), torch.ones(2, 2, 2)):
+            with raises_naming("core"):
+                solution.rank1_core(bad)
 
 
 # --------------------------------------------------------------------------- 5.2 tucker_topk
@@ -188,11 +208,23 @@ class TestTuckerTopk:
         check_grads(scores, reference.tucker_topk(*inputs, shape["m"])[0], inputs, ("s_row", "s_col", "cores"), seed)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError mentioning 'm' unless 1 <= m <= n")
+    @pytest.mark.hint("float32 in, float32 scores: select and rescore in the inputs' dtype")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=tucker_shapes(), seed=seeds)
+    def test_float32(self, solution, shape, seed):
+        low, high = float32_copies(*_tucker_inputs(seed, shape["T"], shape["r"], shape["n"], shape["c"]))
+        scores, indices = _pair(solution.tucker_topk(*low, shape["m"]), "scores", "indices")
+        check_tensor(scores, "scores", (shape["T"], shape["m"], shape["c"]), torch.float32)
+        check_tensor(indices, "indices", (shape["T"], shape["m"]), torch.int64)
+        want = _per_core(*high, indices)  # the chosen slots' own scores, in float64
+        assert_close_dtype(scores, want, "per-core scores of float32 inputs", torch.float32)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("raise ValueError naming m unless 1 <= m <= n")
     def test_rejects_bad_m(self, solution):
         s_row, s_col, cores = _tucker_inputs(0, 2, 2, 4, 1)
         for bad in (0, 5):
-            with pytest.raises(ValueError, match="m"):
+            with raises_naming("m"):
                 solution.tucker_topk(s_row, s_col, cores, bad)
 
 
@@ -254,15 +286,27 @@ class TestMultiCoreRead:
         )
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError naming 'scores' when c does not divide D_v, 'indices' when out of [0, N)")
+    @pytest.mark.hint("float32 and bfloat16 in, the same dtype out (no .double() on the way)")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=read_shapes(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=seeds)
+    def test_float32_and_bfloat16(self, solution, shape, dtype, seed):
+        values, indices, scores = _read_inputs(seed, **shape)
+        values, scores = values.to(dtype), scores.to(dtype)
+        out = solution.multi_core_read(values, indices, scores)
+        want = read_loop(values.double(), indices, scores.double())
+        assert_close_dtype(out, want, f"out of {dtype} inputs", dtype)
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("raise ValueError naming scores when c does not divide D_v, indices when one is outside [0, N)")
     def test_rejects_bad_input(self, solution):
         values, indices, scores = _read_inputs(0, 2, 3, 5, 6, 2)
-        with pytest.raises(ValueError, match="scores"):
+        with raises_naming("scores"):
             solution.multi_core_read(values[:, :5], indices, scores)
-        bad = indices.clone()
-        bad[0, 0] = 5
-        with pytest.raises(ValueError, match="indices"):
-            solution.multi_core_read(values, bad, scores)
+        for wrong in (5, -1):
+            bad = indices.clone()
+            bad[0, 0] = wrong
+            with raises_naming("indices"):
+                solution.multi_core_read(values, bad, scores)
 
 
 # --------------------------------------------------------------------------- 5.4 implicit_value_expansion
@@ -329,14 +373,27 @@ class TestImplicitValueExpansion:
         check_grads(out, expected, (values, scores, projections), ("values", "scores", "projections"), seed)
 
     @pytest.mark.points(1)
-    @pytest.mark.hint("never build the E x N virtual table: pool on the physical rows first")
+    @pytest.mark.hint(
+        "never compute virtual values, not even a few rows at a time: pool the physical rows per block first"
+    )
     def test_never_builds_the_virtual_table(self, solution):
+        def run(n):  # N = n^2 physical rows, the same 4 tokens reading 8 slots each
+            return solution.implicit_value_expansion(*_ive_inputs(1, T=4, m=8, N=n * n, D=8, c=2, E=4, h=16))
+
+        check_work_growth(run, 16, 128, 4, "N (rows)", "pooling the m read rows and E projections do not grow with N")
         inputs = _ive_inputs(1, T=4, m=8, N=4096, D=8, c=2, E=4, h=16)
-        with LargestTensor() as probe:
-            out = solution.implicit_value_expansion(*inputs)
-        if probe.largest >= 4 * 4096 * 16 // 4:
-            raise AssertionError(
-                f"a tensor of {probe.largest} elements (from {probe.where}) was built: that is the virtual table "
-                "of E N projected rows, which IVE exists to avoid"
-            )
-        assert_close(out, ive_loop(*inputs), "out")
+        assert_close(solution.implicit_value_expansion(*inputs), ive_loop(*inputs), "out")
+
+    @pytest.mark.points(1)
+    @pytest.mark.hint("float32 in, float32 out")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=ive_shapes(), seed=seeds)
+    def test_float32(self, solution, shape, seed):
+        values, rows, blocks, scores, projections = _ive_inputs(seed, **shape)
+        (values, scores, projections), high = float32_copies(values, scores, projections)
+        out = solution.implicit_value_expansion(values, rows, blocks, scores, projections)
+        want = ive_loop(high[0], rows, blocks, high[1], high[2])
+        assert_close_dtype(out, want, "out of float32 inputs", torch.float32)
+
+
+TestQuestions = questions_class(CHAPTER)

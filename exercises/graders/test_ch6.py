@@ -9,7 +9,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exercises.graders.helpers import GRADER_SETTINGS, assert_close, check_grads, check_tensor, randn, seeds
+from exercises.graders.answer_keys import questions_class
+from exercises.graders.helpers import (
+    GRADER_SETTINGS,
+    assert_close,
+    assert_close_dtype,
+    check_grads,
+    check_tensor,
+    float32_copies,
+    raises_naming,
+    randn,
+    seeds,
+)
 
 CHAPTER = 6
 
@@ -92,12 +103,17 @@ class TestPrincipledValueStd:
                 f"sigma_V = {sigma_v:.4g} gives a simulated memory output variance {simulated:.4g}, target {target}"
             )
 
-    @pytest.mark.points(1)
-    @pytest.mark.hint("raise ValueError naming the argument for non-positive sizes or a negative sigma_s")
+    @pytest.mark.points(2)
+    @pytest.mark.hint("check every argument: each size and target_variance > 0, score_mean > 0, sigma_s >= 0")
     def test_rejects_bad_input(self, solution):
-        good = dict(target_variance=0.01, sigma_s=0.3, d_pre=4, d_value=12, topk=8, heads=1, dim=32)
-        for name, bad in (("sigma_s", -0.1), ("topk", 0), ("target_variance", 0.0)):
-            with pytest.raises(ValueError, match=name):
+        good = dict(target_variance=0.01, sigma_s=0.3, d_pre=4, d_value=12, topk=8, heads=1, dim=32, score_mean=1.0)
+        cases = [("sigma_s", -0.1)] + [
+            (name, bad)
+            for name in ("target_variance", "d_pre", "d_value", "topk", "heads", "dim", "score_mean")
+            for bad in (0, -1)
+        ]
+        for name, bad in cases:
+            with raises_naming(name):
                 solution.principled_value_std(**{**good, name: bad})
 
 
@@ -171,6 +187,17 @@ class TestPrevalueRead:
             seed,
         )
 
+    @pytest.mark.points(1)
+    @pytest.mark.hint("float32 in, float32 out")
+    @settings(GRADER_SETTINGS, max_examples=4)
+    @given(shape=read_shapes(), seed=seeds)
+    def test_float32(self, solution, shape, seed):
+        values, pre_values, indices, scores, px, w_out = _read_inputs(seed, **shape)
+        (values, pre_values, scores, px, w_out), high = float32_copies(values, pre_values, scores, px, w_out)
+        out = solution.prevalue_read(values, pre_values, indices, scores, px, w_out)
+        want = prevalue_loop(high[0], high[1], indices, high[2], high[3], high[4])
+        assert_close_dtype(out, want, "out of float32 inputs", torch.float32)
+
 
 # --------------------------------------------------------------------------- 6.3 mcp_percent
 
@@ -233,3 +260,6 @@ class TestMCPPercent:
         wide = solution.mcp_percent(**{**sizes, "d_key": 2 * sizes["d_key"]})
         if not wide > narrow:
             raise AssertionError(f"doubling d_key must raise the memory share: {narrow:.4g}% -> {wide:.4g}%")
+
+
+TestQuestions = questions_class(CHAPTER)
