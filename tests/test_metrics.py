@@ -8,8 +8,8 @@ import torch
 from minimem.config import ModelConfig, PKMConfig
 from minimem.metrics import (
     kl_from_uniform,
-    named_memory_modules,
     memory_usage_report,
+    named_memory_modules,
     slot_counts,
     usage_fraction,
     usage_metrics,
