@@ -8,14 +8,13 @@ the network closed: any request that does not go to that server is aborted and f
 from __future__ import annotations
 
 import functools
-import http.server
 import re
-import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 from bs4 import BeautifulSoup
+from conftest import serve_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Links OUT of the book that are allowed: launch buttons, the repository, and the papers'
@@ -167,19 +166,10 @@ def test_bookserver_serves_the_book_on_loopback(built_book):
 # --------------------------------------------------------------------------- in chromium
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
-
 @pytest.fixture(scope="module")
 def book_url(built_book):
-    handler = functools.partial(_QuietHandler, directory=str(built_book))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(built_book) as url:
+        yield url
 
 
 class OfflinePage:

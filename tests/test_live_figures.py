@@ -10,13 +10,12 @@ screenshots of two chapters go to ``test-artifacts/live-*.png``.
 from __future__ import annotations
 
 import functools
-import http.server
 import json
 import re
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import serve_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -268,19 +267,10 @@ def test_every_widget_of_the_built_book_has_a_note(live_book):
     assert plotly.stat().st_size > 1_000_000 and (plotly.parent / "LICENSE.txt").is_file()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
-
 @pytest.fixture(scope="module")
 def live_url(live_book):
-    handler = functools.partial(_QuietHandler, directory=str(live_book))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(live_book) as url:
+        yield url
 
 
 @pytest.fixture
