@@ -197,8 +197,8 @@ class OfflinePage:
             route.abort()
 
     def visit(self, url: str):
-        self.page.goto(url, wait_until="load", timeout=30_000)
-        self.page.wait_for_load_state("networkidle", timeout=30_000)
+        self.page.goto(url, wait_until="load", timeout=60_000)
+        self.page.wait_for_load_state("networkidle", timeout=90_000)  # slow on a loaded machine
 
 
 @pytest.fixture
