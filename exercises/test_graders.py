@@ -481,7 +481,8 @@ def _layer_parameters(kind, h, n_keys, heads, d_key, topk, query_norm="layernorm
     if query_norm not in norms:
         raise ValueError(f"query_norm {query_norm!r}: choose layernorm, batchnorm or none")
     router = heads * d_key * (h + n_keys) + norms[query_norm]
-    return {"total": router + n_keys**2 * rows[kind] * h, "activated": router + heads * topk * rows[kind] * h}
+    read = min(heads * topk, n_keys**2)  # H m slots, but never more than the N there are
+    return {"total": router + n_keys**2 * rows[kind] * h, "activated": router + read * rows[kind] * h}
 
 
 def _chunk_cores(cores, rank, world_size):
