@@ -184,7 +184,13 @@ class OfflinePage:
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
         self.page.on(
             "requestfailed",
-            lambda r: r.url.startswith(base) and self.errors.append(f"request failed: {r.url} {r.failure}"),
+            # ERR_ABORTED: a request still in flight when the test moved on to the next page (a missing
+            # file is an HTTP 404, caught below; an outside address is caught by _route)
+            lambda r: (
+                r.url.startswith(base)
+                and "ERR_ABORTED" not in str(r.failure)
+                and self.errors.append(f"request failed: {r.url} {r.failure}")
+            ),
         )
         self.page.on("response", lambda r: r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}"))
 
@@ -197,8 +203,20 @@ class OfflinePage:
             route.abort()
 
     def visit(self, url: str):
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         self.page.goto(url, wait_until="load", timeout=60_000)
-        self.page.wait_for_load_state("networkidle", timeout=90_000)  # slow on a loaded machine
+        try:
+            self.page.wait_for_load_state("networkidle", timeout=30_000)
+        except PlaywrightTimeout:  # on a loaded machine the network may never go quiet for 500 ms
+            pass
+        # whatever the network did: math typeset and web fonts loaded before the page is checked
+        self.page.wait_for_function(
+            "() => !window.MathJax || !window.MathJax.startup || !window.MathJax.startup.promise"
+            " || window.__typeset === true"
+            " || (window.MathJax.startup.promise.then(() => window.__typeset = true), false)",
+            timeout=60_000,
+        )
 
 
 @pytest.fixture
