@@ -36,7 +36,7 @@ import torch.nn as nn
 from minimem.config import ModelConfig, TuckerMemoryConfig, UltraMemV2Config, memory_layers
 from minimem.ffn import MoE, SwiGLU
 from minimem.model import GPT
-from minimem.ultramemv2 import ring_groups
+from minimem.ultramemv2 import ring_groups, ring_layout
 
 PARTS = ("embedding", "attention", "norm", "ffn", "moe", "memory")
 
@@ -255,13 +255,13 @@ def _memory_layer_ids(config: ModelConfig) -> list[int]:
 
 
 def _ring_rows(config: ModelConfig, layer: int) -> int:
-    """Rows of the table UltraMemV2's layer ``layer`` addresses: G N for its ring group of G layers."""
+    """Slots UltraMemV2's layer ``layer`` addresses: G N for its ring group of G layers (N with share_ratio)."""
     group = next((g for g in ring_groups(config) if layer in g), None)
     if group is None:
         raise ValueError(
             f"layer {layer} is not a memory layer: model.memory.layers resolves to {memory_layers(config)}"
         )
-    return len(group) * config.memory.n_slots
+    return ring_layout(config.memory, group, layer)[1]
 
 
 def _router_parameters(config: ModelConfig) -> int:
@@ -287,7 +287,7 @@ def _tucker_parameters(config: ModelConfig, n_keys: int) -> int:
 def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
     """Parameters of memory layer ``layer`` (a block, or a skip-pair index for ultramem).
 
-    Value tables included; an UltraMemV2 ring table of G layers is split evenly, N rows each.
+    Value tables included; an UltraMemV2 ring table is split evenly: N rows each (N / s with share_ratio s).
     """
     d = memory_dims(config)
     kind = config.memory.kind
@@ -300,7 +300,8 @@ def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
         return h + _tucker_parameters(config, math.isqrt(d["E"]) * n) + N * Dv + d["E"] * Dv * h
     if isinstance(config.memory, UltraMemV2Config):  # TDQKR over the ring table, W_p, W, N rows of V and P
         n_keys = math.isqrt(d["E"] * _ring_rows(config, layer))
-        return _tucker_parameters(config, n_keys) + h * Dp + d["E"] * Dv * h + N * (Dv + Dp)
+        rows = N // (config.memory.share_ratio or 1)
+        return _tucker_parameters(config, n_keys) + h * Dp + d["E"] * Dv * h + rows * (Dv + Dp)
     raise ValueError(f"model.memory.kind must be one of pkm, peer, ultramem, ultramemv2, got {kind!r}")
 
 
@@ -308,14 +309,17 @@ def memory_layer_parameters(config: ModelConfig, layer: int) -> int:
 
 
 def tucker_flops(config: ModelConfig, n_keys: int) -> dict[str, int]:
-    """TDQKR forward FLOPs per token by part, with ``n_keys`` sub-keys per side."""
-    d = memory_dims(config)
+    """TDQKR forward FLOPs per token by part, with ``n_keys`` sub-keys per side (an M x M candidate
+    grid, M = ``memory.candidates`` or m, doubled by ``search: signed``; the full n_keys x n_keys grid
+    with ``search: exact``)."""
+    d, exact = memory_dims(config), config.memory.search == "exact"
     h, H, m, r, c, Dk = d["h"], d["H"], d["m"], d["r"], d["c"], d["d_key"]
+    M = n_keys if exact else (config.memory.candidates or m) * (2 if config.memory.search == "signed" else 1)
     return {
         "query": 2 * h * H * r * Dk,  # W_q: h -> H r (D_k/2 + D_k/2)
         "keys": 2 * H * r * n_keys * Dk,  # rank-wise row and column sub-key scores
-        "candidates": 4 * H * r * n_keys,  # u^T S_row and t^T S_col
-        "grid": 2 * H * (m * r * r + m * m * r),  # rescoring the m x m grid with the full core (C S_col first)
+        "candidates": 0 if exact else 4 * H * r * n_keys,  # u^T S_row and t^T S_col
+        "grid": 2 * H * (M * r * r + M * M * r),  # rescoring the M x M grid with the full core (C S_col first)
         "core_scores": 2 * H * m * c * (r * r + r),  # each core's score at the m chosen slots
     }
 

@@ -148,15 +148,28 @@ class TuckerMemoryConfig(SlotMemoryConfig):
     d_value: int = 0  # D_v value width; 0 -> h
     rank: int = 2  # r, Tucker rank of TDQKR
     cores: int = 2  # c, multi-core scoring cores
+    search: str = "tdqkr"  # "tdqkr" (rank-1 candidates), "signed" (top and bottom) or "exact" (all slots)
+    candidates: int = 0  # M: TDQKR's candidate rows and columns (an M x M grid), in [m, n_keys]; 0 -> m
+    rank1_sign: str = "fixed"  # sign of (u, t): "fixed" (largest |u_a| positive) or "continuous" (official)
+    qk_norm: str = "layernorm"  # query / key norm: "layernorm" or "rmsnorm" (the official config)
 
     def value_blocks(self) -> int:
         """E: value blocks, each with its own output projection (UltraMem's implicit value expansion)."""
         return 1
 
+    def retrieval_options(self) -> dict:
+        """The keyword options of :class:`minimem.ultramem.TuckerRetrieval`."""
+        return dict(search=self.search, candidates=self.candidates, rank1_sign=self.rank1_sign, qk_norm=self.qk_norm)
+
     def validate(self, model) -> None:
         super().validate(model)
         check_range("model.memory.rank", self.rank, 1, MAX_SIZE)
         check_range("model.memory.cores", self.cores, 1, MAX_SIZE)
+        check_choice("model.memory.search", self.search, ("tdqkr", "signed", "exact"))
+        check_choice("model.memory.rank1_sign", self.rank1_sign, ("fixed", "continuous"))
+        check_choice("model.memory.qk_norm", self.qk_norm, ("layernorm", "rmsnorm"))
+        if self.candidates != 0 and not self.topk <= self.candidates <= MAX_SIZE:  # the layer checks <= n_keys
+            raise ValueError(f"model.memory.candidates must be 0 or in [m={self.topk}, n_keys], got {self.candidates}")
         d_value = self.widths(model.n_embd)[1]
         if d_value % self.cores != 0:
             raise ValueError(f"model.memory.d_value={d_value} must be divisible by model.memory.cores={self.cores}")
@@ -199,6 +212,7 @@ class UltraMemV2Config(TuckerMemoryConfig):
     layers: list[int] = field(default_factory=list)  # blocks holding a memory; [] -> every block
     d_pre: int = 0  # D_p pre-value width; 0 -> d_value / 3 (the 1:3 split)
     ring_group: int = 1  # layers per group sharing one value table in a ring
+    share_ratio: int = 0  # s > 0: one table of L N / s rows, layer l's N-row window at l N / s (official); 0: off
     value_init: str = "principled"  # value/pre-value init (minimem.init)
     sigma_s: float = 0.0  # top-m score spread; 0 -> estimated by Monte Carlo at init
 
@@ -213,11 +227,18 @@ class UltraMemV2Config(TuckerMemoryConfig):
     def validate(self, model) -> None:
         super().validate(model)
         check_range("model.memory.ring_group", self.ring_group, 1, MAX_SIZE)
+        check_range("model.memory.share_ratio", self.share_ratio, 0, MAX_SIZE)
         check_range("model.memory.sigma_s", self.sigma_s, 0.0)
         check_choice("model.memory.value_init", self.value_init, VALUE_INITS)
         if UltraMemV2Config.widths(self, model.n_embd)[2] < 1:  # the paper's D_p, in subclasses too
             raise ValueError(f"model.memory.d_pre must be >= 1 (default d_value // 3), got {self.d_pre}")
         layers = sorted(memory_layers(model))
+        s, E = self.share_ratio, self.value_blocks()
+        if s and (self.ring_group > 1 or len(layers) % s or self.n_slots % s or E > 1):
+            raise ValueError(
+                f"model.memory.share_ratio={s} must divide the memory layers L={len(layers)} and n_slots="
+                f"{self.n_slots}, with model.memory.ring_group 1 (got {self.ring_group}) and one value block (got {E})"
+            )
         for size in {len(layers[i : i + self.ring_group]) for i in range(0, len(layers), self.ring_group)}:
             if math.isqrt(slots := self.key_grid_slots(size)) ** 2 != slots:
                 raise ValueError(

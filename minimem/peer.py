@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimem.kernels import memory_lookup
 from minimem.pkm import ProductKeyRouter
 
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "silu": F.silu}
@@ -54,9 +53,9 @@ class PEER(ProductKeyRouter):
         self.record((B, T), weights, scores, indices)
         indices, weights = indices.flatten(1), weights.flatten(1)  # heads along m: (BT, H*m)
         if self.activation == "none":
-            out = memory_lookup(self.up, indices, weights.unsqueeze(-1), pre_values=self.down, pre_input=x)
+            out = self.lookup(self.up, indices, weights.unsqueeze(-1), pre_values=self.down, pre_input=x)
         else:
             down = self.down.index_select(0, indices.reshape(-1)).view(*indices.shape, h)  # (BT, H*m, h)
             gate = ACTIVATION_FUNCTIONS[self.activation](torch.einsum("tkh,th->tk", down, x))
-            out = memory_lookup(self.up, indices, (weights * gate).unsqueeze(-1))
+            out = self.lookup(self.up, indices, (weights * gate).unsqueeze(-1))
         return out.view(B, T, h)

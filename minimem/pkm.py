@@ -40,6 +40,8 @@ class ProductKeyRouter(nn.Module):
     """
 
     kind = "pkm"
+    # the top-m search and the read (a subclass may swap in others with these signatures: minimem_tools.learner)
+    search, lookup = staticmethod(multihead_product_key_topk), staticmethod(memory_lookup)
 
     def __init__(self, config, layer: int):
         super().__init__()
@@ -90,7 +92,7 @@ class ProductKeyRouter(nn.Module):
         ``softmax`` is off.
         """
         q = self.queries(x)
-        scores, indices = multihead_product_key_topk(q, self.keys[:, 0], self.keys[:, 1], self.topk)
+        scores, indices = self.search(q, self.keys[:, 0], self.keys[:, 1], self.topk)
         if self.use_softmax:  # in float32 at least (bf16 / fp16 scores)
             weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
         else:
@@ -135,8 +137,6 @@ class PKM(ProductKeyRouter):
     Values (N, D_v), N(0, D_v^-1/2) as [PKM]; with D_v != h a linear map D_v -> h follows.
     """
 
-    kind = "pkm"
-
     def __init__(self, config, layer: int):
         super().__init__(config, layer)
         self.d_value = config.memory.widths(config.n_embd)[1]  # D_v
@@ -156,7 +156,7 @@ class PKM(ProductKeyRouter):
         B, T, h = x.shape
         weights, scores, indices = self.route(x.reshape(B * T, h))  # (BT, H, m)
         self.record((B, T), weights, scores, indices)
-        out = memory_lookup(self.values, indices.flatten(1), weights.flatten(1).unsqueeze(-1))  # heads summed
+        out = self.lookup(self.values, indices.flatten(1), weights.flatten(1).unsqueeze(-1))  # heads summed
         if self.out_proj is not None:
             out = self.out_proj(out)
         return out.view(B, T, h)

@@ -16,15 +16,20 @@ Choices the paper leaves open (made here, with the official code as tie-breaker)
   row / column sub-keys, so ``W_q`` maps h -> H r D_k, as Specification §3 describes. (The official
   code shares one query across ranks, and still does with its ``mem_q_for_each_tucker_rank`` flag
   on: per-rank queries are minimem's reading of the paper, not an official option.)
-- Query and key normalisation: LayerNorm without bias over the D_k / 2 channels, one gain
-  vector shared by all queries and one by all keys (official code). UltraMem initialises both
-  gains to (D_k / 2)^(-1/3) (official v1 constant); UltraMemV2 calibrates them instead.
+- Query and key normalisation over the D_k / 2 channels, one gain vector shared by all queries
+  and one by all keys: bias-free LayerNorm (``memory.qk_norm: layernorm``, minimem's default) or
+  RMSNorm (``rmsnorm``, what the official config uses). UltraMem initialises both gains to
+  (D_k / 2)^(-1/3) (official v1 constant); UltraMemV2 calibrates them instead.
 - Cores: c cores per head, each (r, r), initialised U(0, 1) (official code) so the summed core
   starts positive and its leading singular vectors u, t start positive.
 - Candidate selection: (u, t) = :func:`minimem.tucker.rank1_core` of the summed core, whose
-  sign rule makes the largest |entry| of u positive. Recomputed only by
-  :meth:`TuckerRetrieval.refresh_rank1` (called from ``after_optimizer_step`` and at init),
-  outside autograd, and stored as buffers.
+  sign rule makes the largest |entry| of u positive (``memory.rank1_sign: fixed``); ``continuous``
+  (official code) instead flips (u, t) when the new u points against the last one. Recomputed
+  only by :meth:`TuckerRetrieval.refresh_rank1` (called from ``after_optimizer_step`` and at
+  init), outside autograd, and stored as buffers. ``memory.candidates`` M widens the search to
+  an M x M grid; ``memory.search: signed`` adds the bottom-M of each side (a 2M x 2M grid: slots
+  whose two factor scores are both negative score high too); ``exact`` takes the exact top-m of
+  all slots (a reference).
 - Heads: each head has its own queries, keys, cores and (u, t); values are shared; the H m
   selected slots of a token are pooled together (their outputs summed).
 - ``softmax=True`` (ablation only; the paper removes it): softmax over the m scores of each
@@ -49,6 +54,7 @@ Choices the paper leaves open (made here, with the official code as tie-breaker)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,7 +63,7 @@ import torch.nn.functional as F
 
 from minimem.init import on_meta_device
 from minimem.kernels import memory_lookup
-from minimem.tucker import rank1_cores, tucker_topk
+from minimem.tucker import exact_search, rank1_cores, tucker_recall, tucker_topk
 
 SHUFFLE_SEED = 0x5EED  # base seed of the fixed IVE / UltraMemV2 slot permutations
 
@@ -74,22 +80,37 @@ class TuckerRetrieval(nn.Module):
     and rank a: S_row[a, i] = <Norm(q_row,a), Norm(K_row[a, i])>, likewise S_col. Core k scores
     cell (i, j) as S_row[:, i]^T C^(k) S_col[:, j]; selection uses the summed core
     (:func:`minimem.tucker.tucker_topk`), and each core's own score is returned so that it
-    can weight its slice of the value vector.
+    can weight its slice of the value vector. The keyword options are the config fields of the
+    same names (module docstring; :class:`minimem.config.TuckerMemoryConfig`).
     """
 
-    def __init__(self, dim: int, n_keys: int, d_key: int, rank: int, cores: int, heads: int, topk: int, softmax: bool):
+    def __init__(self, dim, n_keys, d_key, rank, cores, heads, topk, softmax, search="tdqkr", candidates=0,
+                 rank1_sign="fixed", qk_norm="layernorm"):  # fmt: skip
         super().__init__()
         if d_key % 2 != 0:
             raise ValueError(f"d_key must be even (row and column halves), got {d_key}")
         if not 1 <= topk <= n_keys:
             raise ValueError(f"topk (m) must be in [1, n_keys={n_keys}], got {topk}")
+        most = n_keys // 2 if search == "signed" else n_keys  # signed: top and bottom M of n_keys
+        if candidates and not topk <= candidates <= most:
+            bound = f"n_keys{'/2' if search == 'signed' else ''}={most}"
+            raise ValueError(f"model.memory.candidates must be 0 or in [m={topk}, {bound}], got {candidates}")
+        if search == "signed" and 2 * topk > n_keys:
+            raise ValueError(f"model.memory.search 'signed' needs 2 m <= n_keys, got m={topk}, n_keys={n_keys}")
         self.dim, self.n_keys, self.half = dim, n_keys, d_key // 2
         self.rank, self.n_cores, self.heads, self.topk, self.softmax = rank, cores, heads, topk, softmax
+        self.exact, self.candidates, self.rank1_sign = search == "exact", candidates, rank1_sign
+        self.signed = search == "signed"
+        if self.exact or candidates or self.signed:  # else the class's search, called with its 6 arguments
+            options = dict(candidates=candidates, signed=self.signed)
+            self.search = exact_search if self.exact else functools.partial(tucker_topk, **options)
         # one row and one column query per (head, rank): (H, 2, r, D_k/2) after the view
         self.query = nn.Linear(dim, heads * 2 * rank * self.half, bias=False)
         self.keys = nn.Parameter(torch.empty(heads, 2, rank, n_keys, self.half))  # side 0 rows, 1 columns
-        self.query_norm = nn.LayerNorm(self.half, bias=False)
-        self.key_norm = nn.LayerNorm(self.half, bias=False)
+        norm = dict(
+            layernorm=functools.partial(nn.LayerNorm, bias=False), rmsnorm=functools.partial(nn.RMSNorm, eps=1e-6)
+        )
+        self.query_norm, self.key_norm = norm[qk_norm](self.half), norm[qk_norm](self.half)
         self.cores = nn.Parameter(torch.empty(heads, cores, rank, rank))
         # rank-1 factors of each head's summed core, refreshed once per optimiser step
         self.register_buffer("u", torch.zeros(heads, rank))
@@ -108,8 +129,8 @@ class TuckerRetrieval(nn.Module):
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """(u, t) = leading singular vectors of each head's summed core (fixed sign rule)."""
-        u, t = rank1_cores(self.cores.sum(1).float())  # every head at once
+        """(u, t) = leading singular vectors of each head's summed core (``rank1_sign`` rule)."""
+        u, t = rank1_cores(self.cores.sum(1).float(), self.u if self.rank1_sign == "continuous" else None)
         self.u.copy_(u)
         self.t.copy_(t)
 
@@ -198,7 +219,7 @@ class UltraMem(nn.Module):
         self.n_cores = mem.cores
         self.norm = nn.RMSNorm(h, eps=1e-6)  # the blocks' RMSNorm (minimem.model.RMSNorm computes the same)
         self.retrieval = TuckerRetrieval(
-            h, self.n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax
+            h, self.n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax, **mem.retrieval_options()
         )
         self.values = nn.Parameter(torch.empty(mem.n_slots, self.d_value))
         self.values.is_memory_value = True
@@ -239,8 +260,33 @@ class UltraMem(nn.Module):
         return self.value_proj(pooled).view(B, T, h)
 
 
+@torch.no_grad()
+def retrieval_recall(model: nn.Module, idx: torch.Tensor) -> float:
+    """Mean over a GPT's :class:`TuckerRetrieval` layers and heads of the fraction of the exact top-m
+    that the layer's configured search (with its candidates and stored (u, t)) finds on the hidden
+    states of the batch ``idx`` (B, T); 1.0 for ``search: exact``. Runs one forward in eval mode."""
+    layers = [m for m in model.modules() if isinstance(m, TuckerRetrieval)]
+    if not layers:
+        raise ValueError("retrieval_recall needs a model with Tucker retrieval (kind ultramem or ultramemv2)")
+    inputs, was_training = {}, model.training
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.update({mod: args[0]})) for layer in layers]
+    try:
+        model.eval()(idx)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    recalls = []
+    for layer in layers:
+        for k, s in enumerate(layer.rank_scores(inputs[layer]).unbind(1)):  # s (T, 2, r, n): head k
+            args = (layer.cores[k], layer.topk, layer.candidates, layer.u[k], layer.t[k], layer.signed)
+            recalls.append(1.0 if layer.exact else tucker_recall(*s.unbind(1), *args))
+    return sum(recalls) / len(recalls)
+
+
 __all__ = [
     "TuckerRetrieval",
+    "retrieval_recall",
     "UltraMem",
     "pool_by_block",
     "seeded_permutation",

@@ -33,6 +33,16 @@ group; the group's first layer registers it as its submodule ``value_table``, th
 a plain reference (parameters, state_dict and optimiser see it once). A layer built alone
 makes its own table.
 
+``memory.share_ratio`` s >= 1 (official code's sliding window; ``ring_group`` must be 1): ONE table
+of R = L N / s rows for all L memory layers; each layer keeps its N-slot key grid and reads the
+window of N rows starting at l N / s (l its rank among the memory layers): slot k reads row
+(shuffle[k] + l N / s) mod R. So every row is read by s layers (s = 1: disjoint windows, no
+sharing, L N rows; s = L: every layer reads the whole table, rotated by l N / L), and a token still
+reads H m rows: activated parameters do not change, the total shrinks by s. ``ring_group`` G's
+disjoint groups agree with it only when all layers share one table: ring_group = L with n_slots N
+is exactly share_ratio = L with n_slots L N (one L N-row table, a sqrt(L N) key grid, windows at
+l N, the same shuffles); for s < L the windows overlap, which no disjoint grouping reproduces.
+
 ``value_init``: ``"principled"`` (fourth root, derived), ``"paper"`` (the formula as printed:
 sigma_V^2 = the same right-hand side), ``"std0.02"`` (the official code), ``"naive"`` (N(0, 1)).
 Only the table std differs between them; the other weights follow item 4 in all four.
@@ -83,18 +93,25 @@ class RingValueTable(nn.Module):
 
 
 def ring_groups(config) -> list[list[int]]:
-    """The memory layers cut into consecutive groups of ``memory.ring_group``."""
+    """The memory layers cut into consecutive groups of ``memory.ring_group`` (one group with share_ratio)."""
     layers = sorted(memory_layers(config))
-    size = config.memory.ring_group
+    size = len(layers) if config.memory.share_ratio else config.memory.ring_group
     return [layers[i : i + size] for i in range(0, len(layers), size)]
 
 
+def ring_layout(mem, group: list[int], layer: int) -> tuple[int, int, int]:
+    """(table rows, slots the layer's key grid addresses, its window's first row): G N, G N, k N for
+    the k-th layer of a ring group of G; L N / s, N, l N / s with share_ratio s."""
+    rows = len(group) * mem.n_slots // (mem.share_ratio or 1)
+    return rows, mem.n_slots if mem.share_ratio else rows, group.index(layer) * mem.n_slots // (mem.share_ratio or 1)
+
+
 def ring_tables(config) -> dict[int, RingValueTable]:
-    """layer -> its group's table: one :class:`RingValueTable` of G N rows per group, made by the model."""
+    """layer -> its group's table: one :class:`RingValueTable` per group (:func:`ring_layout`), made by the model."""
     _, d_value, d_pre = config.memory.widths(config.n_embd)
     tables = {}
     for group in ring_groups(config):
-        table = RingValueTable(len(group) * config.memory.n_slots, d_value, d_pre, tuple(group))
+        table = RingValueTable(ring_layout(config.memory, group, group[0])[0], d_value, d_pre, tuple(group))
         tables.update(dict.fromkeys(group, table))
     return tables
 
@@ -117,8 +134,8 @@ class UltraMemV2(nn.Module):
         h = config.n_embd
         self.d_key, self.d_value, self.d_pre = mem.widths(h)
         self.n_cores, self.heads, self.topk = mem.cores, mem.heads, mem.topk
-        self.table_rows = len(group) * mem.n_slots  # G N rows on the ring
-        self.offset = group.index(layer) * mem.n_slots  # this layer's window starts at k N
+        # rows on the ring (G N), slots of the key grid (G N; N with share_ratio), window start (k N)
+        self.table_rows, slots, self.offset = ring_layout(mem, group, layer)
         self.owns_table = table is None or layer == group[0]  # a layer built alone makes and owns its table
         if table is None:
             table = RingValueTable(self.table_rows, self.d_value, self.d_pre, self.group)
@@ -128,11 +145,14 @@ class UltraMemV2(nn.Module):
             self.value_table = table  # registered once, by the group's first layer
         else:
             self.__dict__["_ring_table"] = table  # a plain attribute: not registered a second time
-        n_keys = math.isqrt(self.table_rows)  # a square key grid (checked by the config)
-        self.retrieval = TuckerRetrieval(h, n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax)
+        n_keys = math.isqrt(slots)  # a square key grid (checked by the config)
+        options = mem.retrieval_options()
+        self.retrieval = TuckerRetrieval(
+            h, n_keys, self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax, **options
+        )
         self.pre_proj = nn.Linear(h, self.d_pre, bias=False) if self.d_pre else None  # W_p
         self.out_proj = nn.Linear(self.d_value, h, bias=False)  # W
-        self.register_buffer("shuffle", seeded_permutation(self.table_rows, SHUFFLE_SEED + 104729 + layer))
+        self.register_buffer("shuffle", seeded_permutation(slots, SHUFFLE_SEED + 104729 + layer))
         self.register_buffer("usage_counts", torch.zeros(self.table_rows, dtype=torch.long), persistent=False)
         self.last_indices = None
         self.last_scores = None
@@ -224,4 +244,4 @@ class UltraMemV2(nn.Module):
         self.last_scores = scores.detach().view(B, T, -1, self.n_cores)
 
 
-__all__ = ["UltraMemV2", "RingValueTable", "ring_groups", "ring_tables"]
+__all__ = ["UltraMemV2", "RingValueTable", "ring_groups", "ring_layout", "ring_tables"]

@@ -52,6 +52,14 @@ MEMORY_CONFIGS = {
         "minimem.ultramemv2",
         dict(kind="ultramemv2", n_slots=64, topk=4, ring_group=4, heads=2, model=dict(n_layer=5)),
     ),
+    # share_ratio 2: one table of L N / 2 = 128 rows, each layer's 64-row window; and the retrieval options
+    "ultramemv2-share": (
+        "minimem.ultramemv2",
+        dict(kind="ultramemv2", n_slots=64, topk=4, share_ratio=2, heads=2, qk_norm="rmsnorm", model=dict(n_layer=4)),
+    ),
+    "ultramemv2-exact": ("minimem.ultramemv2", dict(kind="ultramemv2", search="exact", **MEMORY)),
+    "ultramem-candidates": ("minimem.ultramem", dict(kind="ultramem", skip=[[0, 2]], candidates=12, **MEMORY)),
+    "ultramemv2-signed": ("minimem.ultramemv2", dict(kind="ultramemv2", search="signed", candidates=5, **MEMORY)),
     # the experiments' ablation kind: ring of 4 layers sharing one 4 x 64-row table; two heads; gated pre-values
     "ultramemv2-ablation-ring-gelu": (
         "minimem_tools.experiments.ultramemv2_ablation",
@@ -220,14 +228,15 @@ def test_flops_match_torch_flop_counter(name):
 
 
 def _tucker_small_terms(model):
-    """Per token, over all TDQKR layers: 4 r n_keys + 2 (r^2 m + r m^2) + 2 c m (r^2 + r) per head."""
+    """Per token, over all TDQKR layers: 4 r n_keys + 2 (r^2 M + r M^2) + 2 c m (r^2 + r) per head (M x M grid)."""
     total = 0
     for mem in accounting.memory_modules(model):
         ret = getattr(mem, "retrieval", None)
         if ret is None:
             continue
         r, nk, m, c, H = ret.rank, ret.n_keys, ret.topk, ret.n_cores, ret.heads
-        total += H * (4 * r * nk + 2 * (r * r * m + r * m * m) + 2 * c * m * (r * r + r))
+        M = nk if ret.exact else (ret.candidates or m) * (2 if ret.signed else 1)  # the M x M grid
+        total += H * (0 if ret.exact else 4 * r * nk) + H * (2 * (r * r * M + r * M * M) + 2 * c * m * (r * r + r))
     return total
 
 

@@ -377,3 +377,30 @@ def test_an_old_format_checkpoint_and_results_file_still_load(tmp_path, monkeypa
     assert isinstance(load_model(tmp_path), GPT)
     # results/*.json runs: --resume matches an old run's config to the same config written today
     assert _config_key(old) == _config_key(config.to_dict())
+
+
+# ----------------------------------------------------------------------------- retrieval options (issue 14)
+
+
+@pytest.mark.parametrize("kind", ["ultramem", "ultramemv2"])
+def test_tucker_retrieval_options_default_to_todays_retrieval_and_are_checked(tmp_path, kind):
+    cls, memory, _ = KINDS[kind]
+    assert (cls.search, cls.candidates, cls.rank1_sign, cls.qk_norm) == ("tdqkr", 0, "fixed", "layernorm")
+    path = write(tmp_path, {"model": {"memory": {"kind": kind, **memory}}})
+    options = ["model.memory.search=exact", "model.memory.candidates=20", "model.memory.qk_norm=rmsnorm"]
+    config = load_config(path, options + ["model.memory.rank1_sign=continuous"])
+    assert config.model.memory == cls(
+        **memory, search="exact", candidates=20, qk_norm="rmsnorm", rank1_sign="continuous"
+    )
+    for override, message in (
+        ("search=topk", r"model\.memory\.search must be one of \('tdqkr', 'signed', 'exact'\), got 'topk'"),
+        ("rank1_sign=none", r"model\.memory\.rank1_sign must be one of \('fixed', 'continuous'\), got 'none'"),
+        ("qk_norm=batchnorm", r"model\.memory\.qk_norm must be one of \('layernorm', 'rmsnorm'\), got 'batchnorm'"),
+        ("candidates=-1", r"model\.memory\.candidates must be 0 or in \[m=16, n_keys\], got -1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(path, [f"model.memory.{override}"])
+    if kind == "ultramemv2":
+        assert cls.share_ratio == 0 and load_config(path, ["model.memory.share_ratio=1"]).model.memory.share_ratio == 1
+        with pytest.raises(ValueError, match=r"model\.memory\.share_ratio=3 must divide the memory layers L=6"):
+            load_config(path, ["model.memory.share_ratio=3", "model.n_layer=6"])  # 1024 slots: not divisible by 3

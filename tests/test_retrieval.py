@@ -14,7 +14,7 @@ from minimem.product_keys import (
     product_key_topk,
     subkey_scores_topk,
 )
-from minimem.tucker import rank1_core, tucker_exact_topk, tucker_recall, tucker_topk
+from minimem.tucker import rank1_core, rank1_cores, tucker_exact_topk, tucker_recall, tucker_topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -298,6 +298,52 @@ def test_tucker_topk_rescoring_and_per_core_scores_against_loops():
     assert torch.autograd.gradcheck(lambda a, b, k: tucker_topk(a, b, k, m, u=u, t=t)[0], args)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tucker_candidates_n_equals_exact_topk(seed):
+    """M = n candidate rows and columns: the whole grid, rescored with the full core = the exact top-m."""
+    g = torch.Generator().manual_seed(seed)
+    T, r, n, m, c = 30, 3, 7, 4, 2
+    s_row, s_col, cores = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(T, r, n)] * 2 + [(c, r, r)]
+    )
+    scores, idx = tucker_topk(s_row, s_col, cores, m, candidates=n)
+    exact_scores, exact_idx = tucker_exact_topk(s_row, s_col, cores, m)
+    assert torch.equal(idx, exact_idx) and torch.equal(scores, exact_scores)  # same slots, same order
+    assert torch.equal(tucker_topk(s_row, s_col, cores, m, candidates=m)[1], tucker_topk(s_row, s_col, cores, m)[1])
+    assert tucker_recall(s_row, s_col, cores, m) < 1.0 == tucker_recall(s_row, s_col, cores, m, candidates=n)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    T=st.integers(1, 6),
+    r=st.integers(1, 3),
+    n=st.integers(2, 9),
+    m_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tucker_recall_is_monotone_in_candidates(T, r, n, m_frac, seed):
+    """A wider candidate grid contains the narrower one, so it finds at least the same exact top-m slots."""
+    g = torch.Generator().manual_seed(seed)
+    m = 1 + round(m_frac * (n - 1))
+    s_row, s_col, cores = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(T, r, n)] * 2 + [(2, r, r)]
+    )
+    recalls = [tucker_recall(s_row, s_col, cores, m, candidates=M) for M in range(m, n + 1)]
+    assert all(a <= b for a, b in zip(recalls, recalls[1:])) and recalls[-1] == 1.0
+    assert recalls[0] == tucker_recall(s_row, s_col, cores, m)  # candidates = m is the default
+
+
+def test_rank1_cores_continuous_sign_follows_the_previous_u():
+    g = torch.Generator().manual_seed(1)
+    cores = torch.randn(3, 3, 3, generator=g, dtype=torch.float64)
+    u, t = rank1_cores(cores)  # fixed rule: largest |u_a| positive
+    previous = torch.stack([u[0] + 0.3, -u[1] + 0.3, torch.zeros(3, dtype=torch.float64)])  # near u, near -u, none
+    u2, t2 = rank1_cores(cores, previous)
+    flip = torch.tensor([[1.0], [-1.0], [1.0]], dtype=torch.float64)  # a zero previous keeps the fixed rule
+    torch.testing.assert_close(u2, u * flip)
+    torch.testing.assert_close(t2, t * flip)  # t flips with u: u t^T unchanged
+
+
 def test_tucker_bad_input_raises():
     s = torch.randn(2, 2, 5)
     cores = torch.randn(2, 2, 2)
@@ -311,6 +357,9 @@ def test_tucker_bad_input_raises():
         tucker_topk(s, s, cores, 2, u=torch.ones(2))
     with pytest.raises(ValueError, match=r"u and t must have shape \(2,\)"):
         tucker_topk(s, s, cores, 2, u=torch.ones(3), t=torch.ones(3))
+    for bad in (1, 6):
+        with pytest.raises(ValueError, match=rf"candidates must be 0 \(m\) or in \[m=2, n=5\], got {bad}"):
+            tucker_topk(s, s, cores, 2, candidates=bad)
 
 
 def test_candidate_pruning_keeps_exactness_at_m_equals_n():
@@ -330,3 +379,22 @@ def test_retrieval_bench_script_runs_small(capsys):
     assert "ratio" in out and "same indices" in out and "1,024" in out and "256" in out
     with pytest.raises(SystemExit):
         main(["--m", "8", "--sweep", "4"])  # n < m is refused, not clamped
+
+
+def test_signed_search_finds_the_slots_whose_factor_scores_are_both_negative():
+    """``signed`` adds the bottom-M of each side: on signed scores it recalls far more of the exact top-m
+    than top-M alone; with 2M = n it searches every row and column, so it is exact; and it rejects 2M > n."""
+    from minimem.tucker import tucker_exact_topk, tucker_recall, tucker_topk
+
+    g = torch.Generator().manual_seed(0)
+    T, r, n, m = 256, 2, 16, 4
+    s_row, s_col = torch.randn(T, r, n, generator=g), torch.randn(T, r, n, generator=g)
+    cores = torch.rand(2, r, r, generator=g)
+    plain = tucker_recall(s_row, s_col, cores, m)
+    signed = tucker_recall(s_row, s_col, cores, m, signed=True)
+    assert signed > plain + 0.2, (plain, signed)
+    _, full = tucker_topk(s_row, s_col, cores, m, candidates=n // 2, signed=True)
+    _, exact = tucker_exact_topk(s_row, s_col, cores, m)
+    assert torch.equal(full.sort(1).values, exact.sort(1).values)  # every row and column: exact
+    with pytest.raises(ValueError, match="candidates"):
+        tucker_topk(s_row, s_col, cores, m, candidates=n // 2 + 1, signed=True)

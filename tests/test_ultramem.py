@@ -8,7 +8,8 @@ import torch
 
 from minimem.config import config_from_dict, load_config
 from minimem.model import GPT
-from minimem.ultramem import TuckerRetrieval, UltraMem
+from minimem.tucker import tucker_exact_topk
+from minimem.ultramem import TuckerRetrieval, UltraMem, retrieval_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,23 @@ def layer_norm(v, gain, eps=1e-5):
     return [(e - mu) / math.sqrt(var + eps) * g for e, g in zip(v, gain)]
 
 
+def rms_norm(v, gain, eps):
+    rms = math.sqrt(sum(e * e for e in v) / len(v) + eps)
+    return [e / rms * g for e, g in zip(v, gain)]
+
+
 def loop_tucker(retrieval, x):
-    """TDQKR + MCS for one token x (list of h floats), in plain loops: [(per-core scores, slot)]."""
+    """TDQKR + MCS for one token x (list of h floats), in plain loops: [(per-core scores, slot)].
+
+    The options: RMSNorm query / key norms, M = ``candidates`` rows and columns, all n (exact search).
+    """
     H, r, d, n, m = retrieval.heads, retrieval.rank, retrieval.half, retrieval.n_keys, retrieval.topk
+    M = n if retrieval.exact else retrieval.candidates or m
+    norm = layer_norm
+    if isinstance(retrieval.query_norm, torch.nn.RMSNorm):
+        assert retrieval.query_norm.eps == retrieval.key_norm.eps == 1e-6
+        norm = lambda v, gain: rms_norm(v, gain, 1e-6)  # noqa: E731
+
     W = retrieval.query.weight.tolist()
     q_all = [sum(w * e for w, e in zip(row, x)) for row in W]
     gq, gk = retrieval.query_norm.weight.tolist(), retrieval.key_norm.weight.tolist()
@@ -56,16 +71,14 @@ def loop_tucker(retrieval, x):
         for side in range(2):
             for a in range(r):
                 start = ((head * 2 + side) * r + a) * d  # weight rows ordered (head, side, rank, channel)
-                q = layer_norm(q_all[start : start + d], gq)
-                S[side][a] = [
-                    sum(qe * ke for qe, ke in zip(q, layer_norm(keys[head][side][a][i], gk))) for i in range(n)
-                ]
+                q = norm(q_all[start : start + d], gq)
+                S[side][a] = [sum(qe * ke for qe, ke in zip(q, norm(keys[head][side][a][i], gk))) for i in range(n)]
         u, t = retrieval.u[head].tolist(), retrieval.t[head].tolist()
         cores = retrieval.cores[head].tolist()  # (c, r, r)
         row_key = [sum(u[a] * S[0][a][i] for a in range(r)) for i in range(n)]
         col_key = [sum(t[b] * S[1][b][j] for b in range(r)) for j in range(n)]
-        rows = sorted(range(n), key=lambda i: -row_key[i])[:m]
-        cols = sorted(range(n), key=lambda j: -col_key[j])[:m]
+        rows = sorted(range(n), key=lambda i: -row_key[i])[:M]
+        cols = sorted(range(n), key=lambda j: -col_key[j])[:M]
         cand = []
         for i in rows:
             for j in cols:
@@ -118,6 +131,106 @@ def test_forward_matches_loop_reference(expansion, heads, softmax):
         ref, rows = loop_ultramem(layer, x)
         assert [sorted(r) for r in layer.last_indices.view(-1, heads * 3).tolist()] == rows
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(qk_norm="rmsnorm"),  # the official config's query / key norm
+        dict(candidates=5),  # a 5 x 5 candidate grid instead of m x m = 3 x 3
+        dict(search="exact"),  # the exact top-m of all 64 virtual slots
+        dict(candidates=8, qk_norm="rmsnorm", rank1_sign="continuous"),
+    ],
+)
+def test_retrieval_options_match_loop_reference(options):
+    torch.manual_seed(0)
+    layer = UltraMem(tiny_config(**options), 0, 1).double()
+    with torch.no_grad():  # signed cores: the rank-1 candidates miss some of the exact top-m
+        layer.retrieval.cores.normal_()
+        layer.retrieval.refresh_rank1()
+    x = torch.randn(4, 8, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    ref, rows = loop_ultramem(layer, x)
+    assert [sorted(r) for r in layer.last_indices.view(-1, 2 * 3).tolist()] == rows
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    default = UltraMem(tiny_config(), 0, 1).double()  # the same weights with today's retrieval differ
+    default.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(default(x), out)
+
+
+def test_rmsnorm_scale_scores_scales_every_grid_score():
+    torch.manual_seed(1)
+    retrieval = TuckerRetrieval(16, 8, 8, rank=2, cores=2, heads=2, topk=3, softmax=False, qk_norm="rmsnorm")
+    retrieval.double().init_weights(0.3, 0.3, 0.7)
+    assert isinstance(retrieval.query_norm, torch.nn.RMSNorm) and torch.all(retrieval.key_norm.weight == 0.7)
+    x = torch.randn(5, 16, dtype=torch.float64)
+
+    def grid():  # (H, T, n, n): every slot's summed-core score
+        s = retrieval.rank_scores(x)  # (T, H, 2, r, n)
+        return torch.einsum("thai,hab,thbj->htij", s[:, :, 0], retrieval.cores.sum(1), s[:, :, 1])
+
+    with torch.no_grad():
+        before, (scores, slots) = grid(), retrieval(x)
+        retrieval.scale_scores(2.5)
+        after, (scores2, slots2) = grid(), retrieval(x)
+    torch.testing.assert_close(after, 2.5 * before, rtol=1e-12, atol=0)
+    assert torch.equal(slots, slots2)
+    torch.testing.assert_close(scores2, 2.5 * scores, rtol=1e-12, atol=0)
+
+
+def test_rank1_sign_fixed_and_continuous():
+    """(u, t) of a core whose u moves past the point where its largest |entry| changes sign."""
+    retrievals = {
+        sign: TuckerRetrieval(16, 8, 8, rank=2, cores=1, heads=1, topk=3, softmax=False, rank1_sign=sign)
+        for sign in ("fixed", "continuous")
+    }
+    b = torch.tensor([0.6, 0.8])
+    for a in ([0.8, -0.6], [0.6, -0.8]):  # u turns by 16 degrees; its largest |entry| changes sign
+        for retrieval in retrievals.values():
+            with torch.no_grad():
+                retrieval.cores.copy_(torch.outer(torch.tensor(a), b).view(1, 1, 2, 2))
+            retrieval.refresh_rank1()
+        fixed, continuous = retrievals["fixed"], retrievals["continuous"]
+        for r in (fixed, continuous):  # both are the leading singular pair: u t^T = C / sigma
+            torch.testing.assert_close(torch.outer(r.u[0], r.t[0]), torch.outer(torch.tensor(a), b))
+        assert fixed.u[0, fixed.u[0].abs().argmax()] > 0  # fixed: largest |u_a| positive
+    # fixed flipped to (-0.6, 0.8) at the second core; continuous kept following the first u
+    torch.testing.assert_close(fixed.u[0], torch.tensor([-0.6, 0.8]))
+    torch.testing.assert_close(fixed.t[0], -b)
+    torch.testing.assert_close(continuous.u[0], torch.tensor([0.6, -0.8]))
+    torch.testing.assert_close(continuous.t[0], b)
+
+
+def test_retrieval_recall_of_a_small_model():
+    """Exact top-m found by each layer's configured search, on the model's own hidden states."""
+    torch.manual_seed(4)
+    idx = torch.randint(tiny_config().vocab_size, (2, 8))
+    first = GPT(tiny_config(skip=[[0, 1], [0, 1]], rank=3, cores=1))
+    with torch.no_grad():  # signed cores: the rank-1 candidates miss some of the exact top-m
+        for mem in first.skip_memories:
+            mem.retrieval.cores.normal_()
+            mem.retrieval.refresh_rank1()
+    recalls = {}
+    options = {"m": {}, "5": dict(candidates=5), "n_keys": dict(candidates=8), "exact": dict(search="exact")}
+    for name, option in options.items():
+        model = GPT(tiny_config(skip=[[0, 1], [0, 1]], rank=3, cores=1, **option)).train()
+        model.load_state_dict(first.state_dict())
+        recalls[name] = retrieval_recall(model, idx)
+        assert model.training  # its mode is restored
+    assert 0.0 < recalls["m"] < recalls["5"] < 1.0 and recalls["n_keys"] == recalls["exact"] == 1.0
+    # against the layers' own searches run by hand on the hidden state each layer reads (block 0's input)
+    found = []
+    for mem in first.skip_memories:
+        ret, hidden = mem.retrieval, mem.norm(first.tok_emb(idx)).reshape(-1, 16)
+        for head, s in enumerate(ret.rank_scores(hidden).unbind(1)):
+            _, fast = ret.search(*s.unbind(1), ret.cores[head], 3, ret.u[head], ret.t[head])
+            _, exact = tucker_exact_topk(*s.unbind(1), ret.cores[head], 3)
+            found.append(float((fast.unsqueeze(2) == exact.unsqueeze(1)).any(2).float().mean()))
+    assert recalls["m"] == pytest.approx(sum(found) / len(found), rel=1e-12)
+    with pytest.raises(ValueError, match="retrieval_recall needs a model with Tucker retrieval"):
+        retrieval_recall(GPT(config_from_dict({"model": {"n_layer": 1, "n_embd": 16, "n_head": 2}}).model), idx)
 
 
 def softmax_reference(layer, x):
@@ -289,6 +402,13 @@ def test_errors_name_the_field():
         UltraMem(tiny_config(expansion=2), 0, 1)
     with pytest.raises(ValueError, match=r"skip-layer pair \(i, j\) = \(1, 0\)"):
         UltraMem(tiny_config(), 1, 0)
+    for field, bad in (("search", "fast"), ("rank1_sign", "flip"), ("qk_norm", "batchnorm")):
+        with pytest.raises(ValueError, match=rf"model.memory.{field} must be one of \(.*\), got '{bad}'"):
+            tiny_config(**{field: bad})
+    with pytest.raises(ValueError, match=r"model.memory.candidates must be 0 or in \[m=3, n_keys\], got 2"):
+        tiny_config(candidates=2)
+    with pytest.raises(ValueError, match=r"model.memory.candidates must be 0 or in \[m=3, n_keys=8\], got 9"):
+        UltraMem(tiny_config(candidates=9), 0, 1)  # E N = 64 virtual slots: 8 sub-keys per side
 
 
 # --------------------------------------------------------------------------- config and training

@@ -34,11 +34,12 @@ def tiny_config(n_layer=2, **memory):
 ACT = {"none": lambda g: g, "gelu": torch.nn.functional.gelu, "relu": torch.relu}
 
 
-def loop_ultramemv2(layer, x):
+def loop_ultramemv2(layer, x, row_of=None):
     """o = W^T sum_i s_i act(<P_i, W_p x>) V_i per core slice, token by token; rows on the ring window.
 
     Plain-values ablation: the gate is 1. E value projections (IVE ablation): virtual slot v is
     block v // rows, row v % rows, and slot i's read goes into block e's D_v-wide part of W's input.
+    ``row_of``: slot -> table row, given by hand (the share_ratio test); by default the layer's window.
     """
     B, T, h = x.shape
     c, Dv, E = layer.n_cores, layer.d_value, getattr(layer, "projections", 1)
@@ -54,7 +55,7 @@ def loop_ultramemv2(layer, x):
             for scores, slot in loop_tucker(layer.retrieval, x[b, t].tolist()):
                 virtual = int(layer.shuffle[slot])
                 block, row = divmod(virtual, layer.table_rows)
-                row = (row + layer.offset) % layer.table_rows
+                row = (row + layer.offset) % layer.table_rows if row_of is None else row_of(slot)
                 token_rows.append(row)
                 gate = act(torch.dot(layer.pre_values[row], px)) if px is not None else 1.0
                 for k in range(c):
@@ -179,6 +180,74 @@ def test_ring_window_starts_at_the_layer_offset_and_wraps():
     shuffles = [model.blocks[k].memory.shuffle for k in range(4)]
     assert all(torch.equal(torch.sort(s).values, torch.arange(64)) for s in shuffles)
     assert not torch.equal(shuffles[0], shuffles[1])
+
+
+def test_share_ratio_sliding_window_against_a_loop_reference():
+    """share_ratio s: one table of L N / s rows; layer l reads rows (l N / s + shuffle[slot]) mod (L N / s)."""
+    L, N, s = 4, 16, 2
+    torch.manual_seed(3)
+    model = GPT(tiny_config(n_layer=L, share_ratio=s, heads=1)).double()
+    mems = [block.memory for block in model.blocks]
+    R = L * N // s
+    assert all(mem.values is mems[0].values for mem in mems) and mems[0].values.shape == (R, 8)
+    assert [n for n, p in model.named_parameters() if p is mems[0].values] == ["blocks.0.memory.value_table.values"]
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    grads = []
+    for l, mem in enumerate(mems):
+        assert mem.retrieval.n_keys == 4 and mem.shuffle.numel() == N  # the layer's own N-slot key grid
+        window = [(l * N // s + k) % R for k in range(N)]  # by hand: N rows from l N / s, wrapping
+        out = mem(x)
+        ref, rows = loop_ultramemv2(mem, x, row_of=lambda slot, mem=mem, window=window: window[int(mem.shuffle[slot])])
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+        assert [sorted(r) for r in mem.last_indices.view(-1, 3).tolist()] == rows
+        mems[0].values.grad = None
+        out.pow(2).sum().backward()
+        grad_rows = set(mems[0].values.grad.abs().sum(1).nonzero().flatten().tolist())
+        assert grad_rows == {r for token in rows for r in token} and grad_rows <= set(window)
+        grads.append(grad_rows)
+    # each row lies in s = 2 windows: rows read by two layers get gradients from both
+    assert grads[0] & grads[1] and grads[3] & grads[0]  # layer 3's window wraps to rows 0 .. 7
+    assert not grads[0] & grads[2]  # windows l N / s apart by N rows: disjoint
+
+
+def test_ring_group_of_all_layers_is_share_ratio_l_with_l_n_slots():
+    """The one case where ring_group's disjoint groups agree with share_ratio: all L layers share one table."""
+    L, N = 4, 16
+    x = torch.randn(2, 3, 16)
+    models = []
+    for memory in (dict(ring_group=L, n_slots=N), dict(share_ratio=L, n_slots=L * N)):
+        torch.manual_seed(0)
+        models.append(GPT(tiny_config(n_layer=L, **memory)))
+    ring, share = models
+    assert ring.state_dict().keys() == share.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ring.state_dict().values(), share.state_dict().values()))
+    for a, b in zip(ring.blocks, share.blocks):
+        assert (a.memory.table_rows, a.memory.offset) == (b.memory.table_rows, b.memory.offset)
+        torch.testing.assert_close(a.memory(x), b.memory(x), rtol=0, atol=0)
+    # with the same N per layer they differ: ring_group L addresses L N rows, share_ratio L only N of N rows
+    assert GPT(tiny_config(n_layer=L, share_ratio=L)).blocks[0].memory.table_rows == N
+
+
+def test_share_ratio_counts_and_errors():
+    from minimem.accounting import count_parameters
+
+    L, N, s, Dv, Dp = 4, 16, 2, 8, 4
+    plain, shared = (count_parameters(tiny_config(n_layer=L, share_ratio=r)) for r in (0, s))
+    assert plain["total"] - shared["total"] == (L * N - L * N // s) * (Dv + Dp)  # one table of L N / s rows
+    assert plain["activated"] == shared["activated"]  # a token still reads H m rows in each layer
+    built = GPT(tiny_config(n_layer=L, share_ratio=s))
+    assert count_parameters(built) == shared and shared["total"] == sum(p.numel() for p in built.parameters())
+    message = (
+        r"model.memory.share_ratio=3 must divide the memory layers L=4 and n_slots=16, with model.memory.ring_group 1"
+    )
+    with pytest.raises(ValueError, match=message):
+        tiny_config(n_layer=L, share_ratio=3)
+    with pytest.raises(ValueError, match=r"model.memory.share_ratio=2 .*ring_group 1 \(got 4\)"):
+        tiny_config(n_layer=L, share_ratio=2, ring_group=4)
+    with pytest.raises(ValueError, match=r"model.memory.share_ratio=2 .*one value block \(got 4\)"):
+        tiny_config(n_layer=L, share_ratio=2, kind=ABLATION, value_projections=4)
+    with pytest.raises(ValueError, match=r"model.memory.share_ratio must be >= 0, got -1"):
+        tiny_config(share_ratio=-1)
 
 
 def test_ring_group_needs_a_square_table():

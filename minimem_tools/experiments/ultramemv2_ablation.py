@@ -74,7 +74,15 @@ class UltraMemV2Ablation(UltraMemV2):
         if E > 1:  # the key grid addresses E x the table's rows; W is E projections side by side
             virtual = E * self.table_rows
             self.retrieval = TuckerRetrieval(
-                h, math.isqrt(virtual), self.d_key, mem.rank, mem.cores, mem.heads, mem.topk, mem.softmax
+                h,
+                math.isqrt(virtual),
+                self.d_key,
+                mem.rank,
+                mem.cores,
+                mem.heads,
+                mem.topk,
+                mem.softmax,
+                **mem.retrieval_options(),
             )
             self.out_proj = nn.Linear(E * self.d_value, h, bias=False)
             self.shuffle = seeded_permutation(virtual, SHUFFLE_SEED + 104729 + layer)
