@@ -2,6 +2,7 @@
 
     minimem train --config configs/shakespeare-dense.yaml [--max-steps N] [--out DIR]
                   [--resume | --overwrite] [--set train.lr=2e-3 ...]
+                  [--use-exercises [SOURCE] [--use-exercises-kernels]]   (minimem_tools.learner)
 
 A bad config, ``--out`` or checkpoint exits 2 with one line; a diverged run or a full disk exits 1.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from minimem.checkpoint import latest_checkpoint
-from minimem.config import Config, UltraMemV2Config, load_config
+from minimem.config import Config, load_config
 from minimem.train import DiskFull, SetupError, TrainingDiverged, train
 from minimem_tools import learner
 from minimem_tools.cli import ArgumentParser, usage_error
@@ -48,8 +50,14 @@ def build_parser() -> ArgumentParser:
         nargs="?",
         const="learner",
         metavar="SOURCE",
-        help="build UltraMemV2 from your exercise solutions (5.2, 6.1, 6.2): ./exercises when no SOURCE, "
-        "a folder from `minimem exercises init`, or 'reference' (minimem_tools.learner)",
+        help="build the memory layers from your exercise solutions (UltraMemV2: 5.2, 6.1, 6.2; PKM, PEER: 2.2): "
+        "./exercises when no SOURCE, a folder from `minimem exercises init`, or 'reference' (minimem_tools.learner)",
+    )
+    parser.add_argument(
+        "--use-exercises-kernels",
+        action="store_true",
+        help="with --use-exercises: the memory read's weighted sum in your Triton kernels (7.1, 7.2); "
+        "needs train.device cuda",
     )
     return parser
 
@@ -72,6 +80,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(path / "config.json", overrides, saved=True)
 
 
+def learner_error(args: argparse.Namespace, config: Config) -> Optional[str]:
+    """Why --use-exercises / --use-exercises-kernels cannot build this run (None when they can)."""
+    if args.use_exercises_kernels and args.use_exercises is None:
+        return "--use-exercises-kernels goes with --use-exercises (whose solutions to take)"
+    if args.use_exercises is not None and type(config.model.memory) not in learner.CONFIGS:
+        return "--use-exercises builds UltraMemV2, PKM or PEER: use a config with model.memory.kind ultramemv2/pkm/peer"
+    on_gpu = config.train.device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+    if args.use_exercises_kernels and not on_gpu:
+        device = config.train.device
+        return f"--use-exercises-kernels runs your Triton kernels on a GPU: train.device is {device}, not cuda"
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,12 +100,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         return usage_error(parser.prog, str(err))
-    if args.use_exercises is not None and not isinstance(config.model.memory, UltraMemV2Config):
-        return usage_error(
-            parser.prog, "--use-exercises builds UltraMemV2: use a config with model.memory.kind ultramemv2"
-        )
+    if (error := learner_error(args, config)) is not None:
+        return usage_error(parser.prog, error)
     try:
-        with learner.use_exercises(args.use_exercises) if args.use_exercises else contextlib.nullcontext():
+        switch = learner.use_exercises(args.use_exercises, kernels=args.use_exercises_kernels)
+        with switch if args.use_exercises else contextlib.nullcontext():
             train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (NotImplementedError, FileNotFoundError) as err:  # an exercise not written yet, or no such folder
         return usage_error(parser.prog, f"--use-exercises: {err}")
