@@ -22,7 +22,17 @@ from minimem_tools.experiments.runner import (
     summarise,
 )
 
-NAMES = ("head2head", "density", "ablations", "ultramem_ablations", "init_stability", "memory_access", "in_context")
+NAMES = (
+    "head2head",
+    "density",
+    "ablations",
+    "ultramem_ablations",
+    "init_stability",
+    "memory_access",
+    "in_context",
+    "converged",
+    "retrieval",
+)
 
 
 # ----------------------------------------------------------------------------- statistics and tables

@@ -37,6 +37,16 @@ from minimem_tools.experiments.runner import mean_std, summarise
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = "reproduced", "not reproduced", "inconclusive", "not run"
 MIN_SEEDS = 2  # one seed has no spread: no evidence either way
+# the experiments of 300-400 steps that came before the converged, retrieval and capacity ones
+SHORT_EXPERIMENTS = (
+    "head2head",
+    "density",
+    "ablations",
+    "ultramem_ablations",
+    "init_stability",
+    "memory_access",
+    "in_context",
+)
 Z = 2.0  # the decision bar in standard errors of the difference: about a two-sided 95% test (see better)
 
 # The rule each comparison word calls for. The first such word in a claim is its verb and fixes its
@@ -707,6 +717,87 @@ def claims() -> list[tuple[str, list[Claim]]]:
                 ),
             ],
         ),
+        (
+            "At a converged budget (1,000 steps; equal activated parameters; tiny Shakespeare validation loss)",
+            [
+                Claim(
+                    "[PKM] §4",
+                    "A memory layer beats the dense model at equal compute (after 1,000 steps)",
+                    "converged",
+                    "better",
+                    pair("pkm", "dense", "val_loss", "PKM", "dense"),
+                ),
+                Claim(
+                    "[UM2] §5",
+                    "UltraMemV2 beats the dense model at equal activated parameters (after 1,000 steps)",
+                    "converged",
+                    "better",
+                    pair("ultramemv2", "dense", "val_loss", "UltraMemV2", "dense"),
+                ),
+                Claim(
+                    "[UM2] §5",
+                    "UltraMemV2 matches the fine-grained MoE (64 experts, top-8) at equal activated parameters, "
+                    "the MoE holding 4x the total (after 1,000 steps)",
+                    "converged",
+                    "matches",
+                    pair("ultramemv2", "moe8", "val_loss", "UltraMemV2", "MoE-8", rule="matches"),
+                ),
+                Claim(
+                    "[UM2] §5",
+                    "UltraMemV2 beats UltraMem at equal activated parameters (after 1,000 steps)",
+                    "converged",
+                    "better",
+                    pair("ultramemv2", "ultramem", "val_loss", "UltraMemV2", "UltraMem"),
+                ),
+                Claim(
+                    "[UM] §4, [UM2] §5",
+                    "More memory slots at the same activated parameters give a lower loss (N = 4,096 against 256)",
+                    "converged",
+                    "better",
+                    pair("ultramemv2/N=4096", "ultramemv2/N=256", "val_loss", "N = 4,096", "N = 256"),
+                ),
+            ],
+        ),
+        (
+            "Retrieval quality (UltraMemV2, 500 steps; recall of the exact top-m on validation tokens)",
+            [
+                Claim(
+                    "[UM] §3.1",
+                    "TDQKR's approximate top-m is as good as the exact top-m in validation loss",
+                    "retrieval",
+                    "matches",
+                    pair("tdqkr", "exact", "val_loss", "TDQKR", "exact top-m", rule="matches"),
+                ),
+                Claim(
+                    "this course (signed candidates)",
+                    "Candidates from both ends of each side (top-m and bottom-m) give TDQKR a higher recall",
+                    "retrieval",
+                    "better",
+                    pair("signed", "tdqkr", "recall", "top + bottom", "top only", lower=False),
+                ),
+                Claim(
+                    "official code (rank-1 sign)",
+                    "Keeping the rank-1 factors' sign continuous between refreshes gives a higher recall",
+                    "retrieval",
+                    "better",
+                    pair("sign=continuous", "tdqkr", "recall", "continuous", "fixed rule", lower=False),
+                ),
+                Claim(
+                    "official code (qk norm)",
+                    "RMSNorm query and key norms are as good as LayerNorm in validation loss",
+                    "retrieval",
+                    "matches",
+                    pair("rmsnorm", "tdqkr", "val_loss", "RMSNorm", "LayerNorm", rule="matches"),
+                ),
+                Claim(
+                    "official code (share_ratio)",
+                    "Sliding-window sharing (share_ratio 2: half the table) matches separate tables in loss",
+                    "retrieval",
+                    "matches",
+                    pair("share_ratio=2", "tdqkr", "val_loss", "share_ratio 2", "separate", rule="matches"),
+                ),
+            ],
+        ),
     ]
 
 
@@ -749,7 +840,8 @@ def report(results_dir: Path | str | None = None) -> str:
         "(as good as; rule `matches`) is reproduced unless A is worse by more than twice that standard "
         "error; a bound (at most; rule `bound`) must hold on every measurement. A "
         "claim with named parts needs every part; one over a grid, at least half of it and no contradiction. "
-        "Scale: 4 blocks of width 128, 300 to 400 steps on a CPU, against papers at "
+        "Scale: 4 blocks of width 128, 300 to 1,000 steps on a CPU (the capacity experiment: smaller models "
+        "trained to a plateau), against papers at "
         "151M to 7B activated parameters and hundreds of billions of tokens.",
         "",
         "## Experiments",
@@ -767,6 +859,7 @@ def report(results_dir: Path | str | None = None) -> str:
                 f"`{str(result.get('git_commit', ''))[:10]}`{' (dirty)' if result.get('git_dirty') else ''} |"
             )
     counts = {REPRODUCED: 0, NOT_REPRODUCED: 0, INCONCLUSIVE: 0, NOT_RUN: 0}
+    every_claim = [(title, claim) for title, section in claims() for claim in section]
     undecided = []  # (number, claim, seeds per arm that would decide it or None)
     number = 0
     for title, section in claims():
@@ -796,6 +889,13 @@ def report(results_dir: Path | str | None = None) -> str:
             )
     lines += ["", "## Inconclusive claims: the seeds that would decide them", ""]
     lines.append(f"**{len(undecided)} of {number} claims are inconclusive.**")
+    earlier = [(k, c) for k, (_, c) in enumerate(every_claim, 1) if c.experiment in SHORT_EXPERIMENTS]
+    lines.append(
+        f"Before the converged, retrieval and capacity experiments (the {len(earlier)} claims on the 300-400-step "
+        f"experiments alone, same rules): {sum(k in {u[0] for u in undecided} for k, _ in earlier)} of "
+        f"{len(earlier)} inconclusive; the {number - len(earlier)} claims of the longer experiments: "
+        f"{sum(c.experiment not in SHORT_EXPERIMENTS for _, c, _ in undecided)} inconclusive."
+    )
     if undecided:
         lines += [
             "",
@@ -866,8 +966,36 @@ def report(results_dir: Path | str | None = None) -> str:
             ]
     else:
         lines += ["Not measured yet (it is written when `minimem experiment head2head` finishes).", ""]
+    lines += bench_sections(results_dir)
     lines += ["## Tally", "", ", ".join(f"{n} {v}" for v, n in counts.items()) + f" (of {number} claims).", ""]
     return "\n".join(lines)
+
+
+BENCHES = (
+    (
+        "decode.txt",
+        "Decoding at equal total parameters (`minimem bench decode`)",
+        "[UM] §1 claims memory layers decode faster than a MoE at equal parameters because they read fewer "
+        "weight bytes per token. Measured on this CPU (1 thread, KV cache, interleaved rounds): weight bytes "
+        "read per generated token and tokens/s at batch 1, 8 and 64.",
+    ),
+    (
+        "step.txt",
+        "Training step: UltraMemV2 against dense (`minimem bench step`)",
+        "The course's budget: an UltraMemV2 training step at most 1.25x the dense step at equal activated "
+        "parameters (1 CPU thread, interleaved rounds, thread CPU time).",
+    ),
+)
+
+
+def bench_sections(results_dir: Path) -> list[str]:
+    """The benchmark outputs saved beside the results (their first line names the commit), verbatim."""
+    lines = []
+    for name, title, what in BENCHES:
+        path = Path(results_dir) / name
+        if path.is_file():
+            lines += [f"## {title}", "", what, "", "```", path.read_text().rstrip(), "```", ""]
+    return lines
 
 
 def write_report(results_dir: Path | str | None = None) -> Path:

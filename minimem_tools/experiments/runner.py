@@ -48,6 +48,8 @@ EXPERIMENTS = {
     "init_stability": "minimem_tools.experiments.init_stability",
     "memory_access": "minimem_tools.experiments.memory_access",
     "in_context": "minimem_tools.experiments.in_context",
+    "converged": "minimem_tools.experiments.converged",
+    "retrieval": "minimem_tools.experiments.retrieval",
 }
 
 # Metrics measured with a clock: they depend on the machine's load and are excluded from

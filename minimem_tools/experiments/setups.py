@@ -337,6 +337,9 @@ def train_and_measure(config: dict, throughput: bool = False, exact_match: bool 
     )
     if not all(math.isfinite(v) for v in (result.train_loss, result.val_loss)):
         metrics["diverged"] = 1
+    for record in records:  # the learning curve, when the run evaluates before its last step
+        if "val_loss" in record and record["step"] < result.steps:
+            metrics[f"val_loss_{record['step']}"] = record["val_loss"]
     if exact_match:  # the trainer scores exact match at its final evaluation
         scored = [r["exact_match"] for r in records if "exact_match" in r]
         metrics["exact_match"] = scored[-1] if scored else dataset_of(config).evaluate(result.model)["exact_match"]
