@@ -9,6 +9,7 @@ markers, code that fits the page, a closing summary), that a chapter runs outsid
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -29,6 +30,131 @@ CODE_WIDTH = 88  # the book shows about 90 characters of a code block at 1280 px
 INSTALL = "minimem @ git+https://github.com/minimem-course/minimem"  # book/_config.yml's repository
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+# Graded exercise -> the library objects whose source solves it (a class counts by its whole source, so
+# "PKM" matches show_source(PKM) but not show_source(PKM.__init__)). A chapter may call these objects;
+# it must not print their code (issue 15: "a chapter explains and derives, and does not print the graded
+# function's solution").
+GRADED_SOURCES = {
+    "swiglu_ffn": ["swiglu_ffn", "SwiGLU", "SwiGLU.forward"],
+    "moe_forward": ["moe_forward", "MoE", "MoE.forward"],
+    "expected_distinct": ["expected_distinct"],
+    "moe_bytes_per_token": ["moe_bytes_per_token", "bytes_read"],
+    "brute_force_topk": ["brute_force_topk"],
+    "product_key_topk": ["product_key_topk", "multihead_product_key_topk", "subkey_scores_topk", "_candidate_cells"],
+    "kl_from_uniform": ["kl_from_uniform"],
+    "usage_metrics": ["usage_metrics", "usage_fraction", "memory_usage_report"],
+    "pkm_queries": ["pkm_queries", "ProductKeyRouter", "ProductKeyRouter.queries"],
+    "pkm_forward": ["pkm_forward", "PKM", "PKM.forward", "ProductKeyRouter", "ProductKeyRouter.route"],
+    "peer_experts": ["peer_experts", "PEER", "PEER.forward"],
+    "peer_forward": ["peer_forward", "PEER", "PEER.forward"],
+    "rank1_core": ["rank1_core", "rank1_cores"],
+    "tucker_topk": ["tucker_topk", "rank1_core", "rank1_cores"],
+    "multi_core_read": ["multi_core_read", "memory_lookup_torch"],
+    "implicit_value_expansion": ["implicit_value_expansion", "pool_by_block"],
+    "principled_value_std": ["principled_value_std", "table_std"],
+    "prevalue_read": ["prevalue_read", "UltraMemV2", "UltraMemV2.forward", "memory_lookup_torch"],
+    "mcp_percent": ["mcp_percent"],
+    "weighted_gather": ["weighted_gather", "_weighted_sum_fwd_kernel", "memory_lookup_triton"],
+    "weighted_gather_backward": ["weighted_gather_backward", "_weighted_sum_bwd_kernel"],
+    "verdict": ["verdict", "better"],
+    "layer_parameters": ["layer_parameters", "memory_layer_parameters"],
+    "chunk_cores": ["chunk_cores", "local_cores"],
+    "rank_read": ["rank_read", "sharded_memory_lookup"],
+    "sharded_lookup": ["sharded_lookup", "sharded_memory_lookup", "ShardedValueTable"],
+}
+# chapter 8 is edited elsewhere; every other chapter is held to the rule
+GRADED_RULE_NOTEBOOKS = [p for p in NOTEBOOKS if not p.name.startswith("08_")]
+
+
+def graded_functions() -> list[str]:
+    """The graded function names, parsed from the exercise stubs (top-level ``def`` of exercises/chN_*.py)."""
+    names = []
+    for stub in sorted((REPO_ROOT / "exercises").glob("ch*.py")):
+        tree = ast.parse(stub.read_text())
+        names += [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    return names
+
+
+def printed_sources(source: str) -> list[str]:
+    """What a code cell prints the code of: the arguments of show_source(...) and inspect.getsource(...)."""
+    printed = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in ("show_source", "getsource"):
+                printed.append(ast.unparse(node.args[0]))
+    return printed
+
+
+def solution_leaks(nb) -> list[str]:
+    """Every place where a notebook prints or defines the solution of a graded exercise."""
+    leaks = []
+    graded = graded_functions()
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        # IPython magics (%pip, !cmd) are not Python: blank them before parsing
+        source = re.sub(r"^(\s*)[%!].*$", r"\1pass", cell.source, flags=re.MULTILINE)
+        for shown in printed_sources(source):
+            for name in graded:
+                if any(shown == obj or shown.endswith("." + obj) for obj in GRADED_SOURCES[name]):
+                    leaks.append(f"cell {index} prints {shown}, the solution of exercise {name}")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name in {n for g in graded for n in (g, g + "_slow")}:
+                leaks.append(f"cell {index} defines {node.name}, a solution of a graded exercise")
+    return leaks
+
+
+def test_every_graded_function_has_its_library_objects_listed():
+    graded = graded_functions()
+    assert len(graded) >= 20 and "product_key_topk" in graded and "prevalue_read" in graded, graded
+    assert set(graded) == set(GRADED_SOURCES), (
+        f"GRADED_SOURCES must list the library objects of every graded function: "
+        f"missing {sorted(set(graded) - set(GRADED_SOURCES))}, stale {sorted(set(GRADED_SOURCES) - set(graded))}"
+    )
+
+
+def test_the_solution_check_catches_printed_and_inline_solutions():
+    leaking = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("%pip install -q minimem\nshow_source(product_keys._candidate_cells)"),
+            nbformat.v4.new_code_cell("print(inspect.getsource(sharding.sharded_memory_lookup))"),
+            nbformat.v4.new_code_cell("def prevalue_read_slow(layer, x):\n    return x"),
+            nbformat.v4.new_code_cell("def tucker_topk(s_row, s_col, cores, m):\n    pass"),
+            nbformat.v4.new_code_cell("show_source(UltraMemV2.forward)\nshow_source(PKM)"),
+        ]
+    )
+    leaks = solution_leaks(leaking)
+    for expected in [
+        "cell 0 prints product_keys._candidate_cells, the solution of exercise product_key_topk",
+        "cell 1 prints sharding.sharded_memory_lookup, the solution of exercise rank_read",
+        "cell 2 defines prevalue_read_slow",
+        "cell 3 defines tucker_topk",
+        "cell 4 prints UltraMemV2.forward, the solution of exercise prevalue_read",
+        "cell 4 prints PKM, the solution of exercise pkm_forward",
+    ]:
+        assert any(leak.startswith(expected) for leak in leaks), (expected, leaks)
+    # a different piece of the same objects is allowed
+    allowed = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("show_source(PKM.__init__)\nshow_source(UltraMemV2.table_rows_of)"),
+            nbformat.v4.new_code_cell("scores, idx = product_key_topk(q1, q2, k1, k2, 4)  # a call, not its code"),
+            nbformat.v4.new_code_cell("def diagonal_topk(q1, q2, k1, k2, m):\n    pass"),
+        ]
+    )
+    assert solution_leaks(allowed) == []
+
+
+@pytest.mark.parametrize("path", GRADED_RULE_NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_does_not_print_or_define_a_graded_solution(path):
+    leaks = solution_leaks(nbformat.read(path, as_version=4))
+    assert not leaks, (
+        "a chapter explains and derives; it does not print the graded function's solution (show the contract, a "
+        f"worked example or a different piece of code instead): {leaks}"
+    )
 
 
 def load_tool():
