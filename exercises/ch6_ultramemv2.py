@@ -58,8 +58,7 @@ def prevalue_read(
         read[t, slice k]   = sum_i scores[t, i, k] * g[t, i] * values[indices[t, i], slice k]
         out[t]             = w_out @ read[t]
 
-    Differentiable in every float argument. (minimem: ``minimem.kernels.memory_lookup`` with
-    pre_values, then ``UltraMemV2.out_proj``.)
+    Differentiable in every float argument.
     """
     raise NotImplementedError("exercise 6.2: write prevalue_read in exercises/ch6_ultramemv2.py")
 

@@ -30,6 +30,7 @@ NAMES = (
     "init_stability",
     "memory_access",
     "in_context",
+    "capacity",
     "converged",
     "retrieval",
 )

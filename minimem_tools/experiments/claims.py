@@ -718,6 +718,35 @@ def claims() -> list[tuple[str, list[Claim]]]:
             ],
         ),
         (
+            "Knowledge capacity (facts memorised, trained toward a plateau; equal activated parameters)",
+            [
+                Claim(
+                    "[PKM] §4, [MLS]",
+                    "A memory layer stores more facts than a dense model at equal activated parameters",
+                    "capacity",
+                    "better",
+                    pair(
+                        "pkm/N=16384", "dense", "facts_memorised", "PKM (N = 16,384)", "dense", lower=False, spec=",.0f"
+                    ),
+                ),
+                Claim(
+                    "[UM2] §5",
+                    "UltraMemV2 stores more facts than the fine-grained MoE at equal activated parameters",
+                    "capacity",
+                    "better",
+                    pair(
+                        "ultramemv2/N=16384",
+                        "moe/E=16",
+                        "facts_memorised",
+                        "UltraMemV2 (N = 16,384)",
+                        "MoE (16 experts)",
+                        lower=False,
+                        spec=",.0f",
+                    ),
+                ),
+            ],
+        ),
+        (
             "At a converged budget (1,000 steps; equal activated parameters; tiny Shakespeare validation loss)",
             [
                 Claim(

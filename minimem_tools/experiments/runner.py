@@ -48,6 +48,7 @@ EXPERIMENTS = {
     "init_stability": "minimem_tools.experiments.init_stability",
     "memory_access": "minimem_tools.experiments.memory_access",
     "in_context": "minimem_tools.experiments.in_context",
+    "capacity": "minimem_tools.experiments.capacity",
     "converged": "minimem_tools.experiments.converged",
     "retrieval": "minimem_tools.experiments.retrieval",
 }
