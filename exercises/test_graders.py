@@ -441,8 +441,8 @@ def _value_std_checking_three(target_variance, sigma_s, d_pre, d_value, topk, he
     return _value_std(target_variance, sigma_s, d_pre, d_value, topk, heads, dim, score_mean, check_all=False)
 
 
-def _verdict(a, b, lower=True):
-    """The rule with the statistics module."""
+def _verdict(a, b, lower=True, z=2.0, variance=statistics.variance):
+    """The rule with the statistics module (``z`` and ``variance`` let the wrong variants below differ)."""
     if not isinstance(lower, bool):
         raise ValueError(f"lower should be True or False, not {lower!r}")
     arms = []
@@ -461,9 +461,19 @@ def _verdict(a, b, lower=True):
     if min(len(arms[0]), len(arms[1])) < 2:
         return "inconclusive"
     mean_a, mean_b = statistics.fmean(arms[0]), statistics.fmean(arms[1])
-    bar = 2 * math.sqrt(sum(statistics.variance(xs) / len(xs) for xs in arms))
+    bar = z * math.sqrt(sum(variance(xs) / len(xs) for xs in arms))
     gain = mean_b - mean_a if lower else mean_a - mean_b
     return "reproduced" if gain > bar else "not reproduced" if -gain > bar else "inconclusive"
+
+
+def _verdict_at_196_se(a, b, lower=True):
+    """The 1.96 of a two-sided normal 95% test instead of the rule's 2 SE."""
+    return _verdict(a, b, lower, z=1.96)
+
+
+def _verdict_population_variance(a, b, lower=True):
+    """The population variance (ddof = 0) instead of the sample variance."""
+    return _verdict(a, b, lower, variance=statistics.pvariance)
 
 
 def _layer_parameters(kind, h, n_keys, heads, d_key, topk, query_norm="layernorm"):
@@ -711,6 +721,16 @@ WRONG_SOLUTIONS = {
         "ch7_triton",
         "TestWeightedGather and test_runs_a_triton_kernel",
         {"weighted_gather": _weighted_gather_in_torch},
+    ),
+    "verdict at 1.96 SE": (
+        "ch8_head_to_head",
+        "TestVerdict and test_just_inside_and_outside_the_bar",
+        {"verdict": _verdict_at_196_se},
+    ),
+    "verdict with the population variance": (
+        "ch8_head_to_head",
+        "TestVerdict and test_just_inside_and_outside_the_bar",
+        {"verdict": _verdict_population_variance},
     ),
     # a. float32 (or bfloat16) in, another dtype out
     "a: SwiGLU answers float32 in float64": (

@@ -121,6 +121,37 @@ class TestVerdict:
             _check_verdict(solution.verdict(*args), want, args)
 
     @pytest.mark.points(1)
+    @pytest.mark.hint(
+        "the bar is exactly 2 SE (not 1.96), with the sample variance (ddof = 1, not the population's): "
+        "statistics.stdev, torch.std(correction=1) or np.std(ddof=1)"
+    )
+    def test_just_inside_and_outside_the_bar(self, solution):
+        # a = [0, 1] and b = a + gain: s^2 = 1/2 each, SE = sqrt(1/4 + 1/4) = 0.7071, 2 SE = 1.4142,
+        # 1.96 SE = 1.3859; with the population variance (1/4) 2 SE would be 1.0.
+        # Each gain below sits between two of those bars, well away from each (no rounding decides it).
+        cases = [
+            (1.2, "inconclusive"),  # > 2 SE with ddof = 0, < 2 SE with ddof = 1
+            (1.40, "inconclusive"),  # > 1.96 SE, < 2 SE
+            (1.45, "reproduced"),  # > 2 SE
+            (0.9, "inconclusive"),
+        ]
+        base = [0.0, 1.0]
+        for gain, want in cases:
+            shifted = [v + gain for v in base]
+            for args, expected in (
+                ((base, shifted, True), want),  # A's loss is lower by gain
+                ((shifted, base, False), want),  # A's accuracy is higher by gain
+                ((shifted, base, True), want.replace("reproduced", "not reproduced")),  # A is worse by gain
+            ):
+                assert verdict_loop(*args) == expected, (args, expected)  # the cases themselves are right
+                _check_verdict(solution.verdict(*args), expected, args)
+        # unequal seed counts: a = [0, 1, 2] (s^2 = 1, n = 3), b = [g, g + 2] (s^2 = 2, n = 2): 2 SE = 2.3094
+        for gain, want in ((2.25, "inconclusive"), (2.36, "reproduced")):
+            args = ([0.0, 1.0, 2.0], [gain, gain + 2.0], True)
+            assert verdict_loop(*args) == want, (args, want)
+            _check_verdict(solution.verdict(*args), want, args)
+
+    @pytest.mark.points(1)
     @pytest.mark.hint("raise ValueError naming a or b for a non-sequence or a non-number, lower for a non-bool")
     def test_rejects_bad_arguments(self, solution):
         good = [1.0, 2.0, 3.0]
