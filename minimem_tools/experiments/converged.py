@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from minimem_tools.experiments.runner import Variant, new_figure, save_figure, stat
+from minimem_tools.experiments.runner import Variant, curve, new_figure, save_figure, stat
 from minimem_tools.experiments.setups import dataset_of, experiment_train, model_config, override, train_and_measure
 
 NAME = "converged"
@@ -125,18 +125,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         | {r["config"]["train"]["max_steps"] for r in result["runs"]}
     )
     for m in MODELS:
-        pts = [(s, stat(result, m, "val_loss" if s == steps[-1] else f"val_loss_{s}")) for s in steps]
-        pts = [(s, v) for s, v in pts if not math.isnan(v[0])]
-        if pts:
-            ax_curve.errorbar(
-                [s for s, _ in pts],
-                [v[0] for _, v in pts],
-                yerr=[v[1] for _, v in pts],
-                marker="o",
-                ms=3,
-                capsize=2,
-                label=m,
-            )
+        curve(ax_curve, result, m, ["val_loss" if s == steps[-1] else f"val_loss_{s}" for s in steps], steps, m)
     ax_curve.set_xlabel("training step")
     ax_curve.set_ylabel("validation loss")
     ax_curve.legend(fontsize=7)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from minimem_tools.experiments.runner import Variant, bar_chart, new_figure, save_figure, stat
+from minimem_tools.experiments.runner import Variant, bar_chart, curve, new_figure, save_figure, stat
 from minimem_tools.experiments.setups import dataset_of, experiment_train, model_config, override, parameters
 
 NAME = "retrieval"
@@ -148,18 +148,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     for name in VARIANTS:
         if name == "exact":
             continue  # its search is the exact top-m: recall 1 by definition
-        pts = [(s, stat(result, name, f"recall_{s}")) for s in steps]
-        pts = [(s, v) for s, v in pts if not math.isnan(v[0])]
-        if pts:
-            ax_recall.errorbar(
-                [s for s, _ in pts],
-                [v[0] for _, v in pts],
-                yerr=[v[1] for _, v in pts],
-                marker="o",
-                ms=3,
-                capsize=2,
-                label=name,
-            )
+        curve(ax_recall, result, name, [f"recall_{s}" for s in steps], steps, name)
     ax_recall.set_ylim(0, 1.05)
     ax_recall.set_xlabel("training step")
     ax_recall.set_ylabel("recall of the exact top-m")

@@ -266,6 +266,23 @@ def errorbar(ax, result: dict, names: list[str], metric: str, xs: list[float], l
     ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=label, **kwargs)
 
 
+def curve(ax, result: dict, name: str, metrics: list[str], xs: list[float], label: str) -> None:
+    """Plot run ``name``'s ``metrics`` (one per x, e.g. a metric at each step) with std-over-seeds error bars;
+    points not measured are left out."""
+    points = [(x, stat(result, name, metric)) for x, metric in zip(xs, metrics)]
+    points = [(x, s) for x, s in points if not math.isnan(s[0])]
+    if points:
+        ax.errorbar(
+            [x for x, _ in points],
+            [s[0] for _, s in points],
+            yerr=[s[1] for _, s in points],
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=label,
+        )
+
+
 def bar_chart(ax, result: dict, names: list[str], metric: str, labels: Optional[list[str]] = None, color=None) -> None:
     """Bars of ``metric`` per run with std-over-seeds error bars."""
     stats = [stat(result, n, metric) for n in names]
