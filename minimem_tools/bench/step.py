@@ -15,7 +15,7 @@ processes hits every model alike. Two clocks: wall time, and the process's CPU t
 threads). With one thread the CPU time is the wall time of an idle machine and is far less
 disturbed by other processes, so the one-thread verdict uses it; with two threads CPU time
 counts work, not time, and the verdict uses wall time. The run ends with a PASS/FAIL line per
-thread count for the requirement "UltraMemV2 step <= 1.3x the dense step".
+thread count for the requirement "UltraMemV2 step <= 1.25x the dense step".
 
 ``--profile NAME`` instead profiles ``--steps`` steps of one config with ``torch.profiler``
 and prints where the step's time goes: each operator's time per step, the minimum over the
@@ -36,7 +36,7 @@ import torch
 from minimem_tools import course
 
 KINDS = ("dense", "moe", "pkm", "peer", "ultramem", "ultramemv2")
-TARGET_RATIO = 1.3  # UltraMemV2 step / dense step, the experiments issue's budget
+TARGET_RATIO = 1.25  # UltraMemV2 step / dense step, the experiments issue's budget (was 1.3)
 
 
 def config_path(kind: str) -> Path:
