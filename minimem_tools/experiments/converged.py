@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from minimem_tools.experiments.runner import Variant, curve, new_figure, save_figure, stat
+from minimem_tools.experiments.runner import Variant, curve, errorbar, new_figure, save_figure, stat
 from minimem_tools.experiments.setups import dataset_of, experiment_train, model_config, override, train_and_measure
 
 NAME = "converged"
@@ -132,15 +132,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     ax_curve.set_title("learning curves (mean ± std over seeds)", fontsize=9)
     names = scaling_names()
     totals = [stat(result, n, "params_total")[0] for n in names]
-    losses = [stat(result, n, "val_loss") for n in names]
-    ax_scale.errorbar(
-        totals,
-        [s[0] for s in losses],
-        yerr=[s[1] for s in losses],
-        marker="o",
-        capsize=3,
-        label="UltraMemV2 (N = 256, 1,024, 4,096)",
-    )
+    errorbar(ax_scale, result, names, "val_loss", totals, label="UltraMemV2 (N = 256, 1,024, 4,096)")
     dense = stat(result, "dense", "val_loss")
     if not math.isnan(dense[0]):
         ax_scale.axhline(dense[0], color="grey", linestyle="--", label="dense (same activated)")

@@ -85,7 +85,6 @@ def run(variant: Variant, seed: int, quick: bool) -> dict:
     metrics: dict = {}
     with tempfile.TemporaryDirectory(prefix="minimem-retrieval-") as tmp:
         config = override(variant.config, **{"train.out_dir": tmp})
-        torch.manual_seed(config["train"]["seed"])  # the weights train() starts from (it seeds the same way)
         cfg = config_from_dict(config)
         metrics["recall_0"] = retrieval_recall(_initial_model(cfg, GPT), batch)
         result = None
