@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimem.config import MEMORY_CONFIGS, ModelConfig, UltraMemV2Config, memory_layers
+from minimem.config import MEMORY_CONFIGS, ModelConfig, PEERConfig, PKMConfig, UltraMemV2Config, memory_layers
 from minimem.ffn import MoE, SwiGLU
 from minimem.init import on_meta_device
 from minimem.peer import PEER
@@ -129,8 +129,8 @@ class CausalSelfAttention(nn.Module):
 
 def build_ffn(config: ModelConfig, layer: int) -> nn.Module:
     """What fills block ``layer``'s feed-forward slot: PKM / PEER in their blocks, else a MoE or a SwiGLU."""
-    if config.memory.kind in ("pkm", "peer") and layer in memory_layers(config):
-        return (PKM if config.memory.kind == "pkm" else PEER)(config, layer)
+    if type(config.memory) in IN_FFN and layer in memory_layers(config):
+        return IN_FFN[type(config.memory)](config, layer)
     if config.ffn == "moe":
         return MoE(config.n_embd, config.moe, config.n_layer)
     return SwiGLU(config.n_embd, config.ffn_hidden)
@@ -139,6 +139,7 @@ def build_ffn(config: ModelConfig, layer: int) -> nn.Module:
 # Memory layers that sit beside the FFN, by config class. The experiments register their UltraMemV2
 # variants here (with their own config kind); the library knows only the paper's layer.
 BESIDE_FFN: dict[type, type] = {UltraMemV2Config: UltraMemV2}
+IN_FFN: dict[type, type] = {PKMConfig: PKM, PEERConfig: PEER}  # and those in the FFN's place (build_ffn)
 
 
 def register_beside_ffn(config_class: type, layer_class: type) -> None:

@@ -54,11 +54,10 @@ from typing import Iterator
 import torch
 from torch.autograd.function import once_differentiable
 
-import minimem.model
 from minimem.config import PEERConfig, PKMConfig, UltraMemV2Config
 from minimem.init import ffn_output_variance
 from minimem.kernels import lookup_dtype, memory_lookup
-from minimem.model import BESIDE_FFN
+from minimem.model import BESIDE_FFN, IN_FFN
 from minimem.peer import PEER
 from minimem.pkm import PKM, ProductKeyRouter
 from minimem.ultramemv2 import UltraMemV2
@@ -230,15 +229,14 @@ def use_exercises(source: str | Path = "learner", kernels: bool = False) -> Iter
     built inside keep them afterwards."""
     solutions = load_solutions(source, kernels)
     made = {"solutions": solutions}
-    saved = BESIDE_FFN[UltraMemV2Config], minimem.model.PKM, minimem.model.PEER
+    saved = BESIDE_FFN[UltraMemV2Config], IN_FFN[PKMConfig], IN_FFN[PEERConfig]
     BESIDE_FFN[UltraMemV2Config] = type("LearnerUltraMemV2", (LearnerUltraMemV2,), made)
-    # minimem.model.build_ffn builds PKM / PEER by these module names
-    minimem.model.PKM = type("LearnerPKM", (LearnerPKM,), made)
-    minimem.model.PEER = type("LearnerPEER", (LearnerPEER,), made)
+    IN_FFN[PKMConfig] = type("LearnerPKM", (LearnerPKM,), made)
+    IN_FFN[PEERConfig] = type("LearnerPEER", (LearnerPEER,), made)
     try:
         yield solutions
     finally:
-        BESIDE_FFN[UltraMemV2Config], minimem.model.PKM, minimem.model.PEER = saved
+        BESIDE_FFN[UltraMemV2Config], IN_FFN[PKMConfig], IN_FFN[PEERConfig] = saved
 
 
 def is_learners(model: torch.nn.Module) -> bool:

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LIBRARY, TOOLS = "minimem", "minimem_tools"
 # Lines of minimem/**/*.py (blank lines and comments included), set from what the split achieved;
 # README.md ("Layout") states the same number. Raise it only with a reason in the commit.
-LINE_BUDGET = 5997  # 5,700 after the split; + config classes per kind; + generate.py (KV cache); + 97 issue 14
+LINE_BUDGET = 5998  # 5,700 after the split; + config classes per kind; + generate.py; +97 issue 14, +1 IN_FFN
 
 
 def module_name(path: Path) -> str:
