@@ -4,7 +4,13 @@ reproducibility (same seed -> identical metrics, also across worker processes)."
 
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +375,46 @@ def test_head2head_finalize_times_the_steps_and_writes_the_profile(tmp_path):
     )
     profile = (tmp_path / "head2head_profile.txt").read_text()
     assert "## ultramemv2" in profile and "the largest differences" in profile  # ultramemv2 against dense
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table in /proc")
+def test_sigterm_on_the_experiment_stops_its_workers(tmp_path):
+    # `kill PID` (or a scheduler's SIGTERM) on `minimem experiment --jobs 2` used to leave its two spawned
+    # workers training on as orphans; now the parent unwinds and the pool stops them.
+    def children(pid):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while the table was read
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    command = [sys.executable, "-m", "minimem_tools", "experiment", "capacity", "--quick", "--no-progress"]
+    command += ["--jobs", "2"]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo}
+    proc = subprocess.Popen(command + ["--out", str(tmp_path / "results")], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # the pool's workers (+ its tracker)
+        time.sleep(0.2)
+    workers = children(proc.pid)
+    assert len(workers) >= 2, "the experiment never started its workers"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in _state(w)]
+    for w in alive:  # a failing run must not leave them training
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the experiment"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -357,9 +357,20 @@ def _execute(name: str, jobs: list, quick: bool, workers: int):
             yield index, run_job(name, variant, seed, quick)
         return
     import multiprocessing
+    import signal
+    import threading
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap_unordered(_job, [(i, name, v, s, quick) for i, v, s in jobs])
+    def stop(signum, frame):  # SIGTERM (kill, a scheduler): unwind, so that leaving the pool stops its workers
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            yield from pool.imap_unordered(_job, [(i, name, v, s, quick) for i, v, s in jobs])
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_experiment(
