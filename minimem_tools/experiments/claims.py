@@ -745,6 +745,27 @@ def claims() -> list[tuple[str, list[Claim]]]:
                     ),
                 ),
                 Claim(
+                    "[PKM] §4, [MLS]",
+                    "A memory layer memorises the table faster than a dense model (mean exact match over training)",
+                    "capacity",
+                    "better",
+                    pair("pkm/N=16384", "dense", "exact_match_mean", "PKM (N = 16,384)", "dense", lower=False),
+                ),
+                Claim(
+                    "[UM2] §5",
+                    "UltraMemV2 memorises the table faster than a dense model (mean exact match over training)",
+                    "capacity",
+                    "better",
+                    pair(
+                        "ultramemv2/N=16384",
+                        "dense",
+                        "exact_match_mean",
+                        "UltraMemV2 (N = 16,384)",
+                        "dense",
+                        lower=False,
+                    ),
+                ),
+                Claim(
                     "[UM] §4, [UM2] §5",
                     "A larger memory table stores more facts at equal activated parameters (N = 16,384 vs 1,024)",
                     "capacity",
