@@ -718,7 +718,7 @@ def claims() -> list[tuple[str, list[Claim]]]:
             ],
         ),
         (
-            "Knowledge capacity (facts memorised, trained toward a plateau; equal activated parameters)",
+            "Knowledge capacity (1,024 facts, each seen 250 times, not at a plateau; equal activated parameters)",
             [
                 Claim(
                     "[PKM] §4, [MLS]",
@@ -921,7 +921,7 @@ def report(results_dir: Path | str | None = None) -> str:
         "error; a bound (at most; rule `bound`) must hold on every measurement. A "
         "claim with named parts needs every part; one over a grid, at least half of it and no contradiction. "
         "Scale: 4 blocks of width 128, 300 to 1,000 steps on a CPU (the capacity experiment: smaller models "
-        "trained to a plateau), against papers at "
+        "for 1,000 steps, not at a plateau), against papers at "
         "151M to 7B activated parameters and hundreds of billions of tokens.",
         "",
         "## Experiments",
