@@ -7,8 +7,8 @@ should store several times more than a dense model. In miniature, on the ``facts
 (Specification §5; :class:`minimem.data.FactsDataset`: random ``key:value,`` items, the loss on the
 value tokens only, so the model can lower it only by storing the table in its weights):
 
-- a small family (2 blocks, width 64, :data:`FAMILY`) whose dense member holds fewer facts than the
-  table has at the end of training (exact match well below 1);
+- a small family (2 blocks, width 64, :data:`FAMILY`), so that the whole grid fits a 2-core machine
+  in about an hour;
 - every other model at the dense model's activated parameters (the widths of
   ``configs/shakespeare-*.yaml`` scaled to width 64, then the FFN width, or the MoE expert width,
   fitted with :func:`~minimem_tools.experiments.setups.match_parameters`), its memory's total size
@@ -20,16 +20,15 @@ value tokens only, so the model can lower it only by storing the table in its we
   value loss (``plateau_delta_loss``) says whether the run had stopped moving.
 
 What this budget cannot reach, and why (measured while the experiment was designed, seed 0): Allen-Zhu
-and Li's 2 bits per parameter needs about 1,000 exposures of a table larger than the model can hold.
-The dense member (102,976 parameters) would hold about 15,000 facts at that rate, so saturating it
-takes about 15 million fact-exposures: 60,000 steps of this batch, about 2 CPU-hours here for the dense
-model alone, and a memory model with 4 times the parameters needs a table and a step count 4 times
-larger; the grid at saturation is hundreds of CPU-hours. Narrower
-models are no shortcut: at width 32 (26,784 parameters) the dense model learns nothing for the first
-750 steps and reaches exact match 0.06 on 2,048 facts after 2,000; at width 16 (7,312) the value loss is
-still 2.08 nats (uniform: 2.30) after 3,000. The experiment therefore measures how much each model
-stores for a fixed number of exposures, the regime in which the papers train, and reports how far
-from a plateau each run ended.
+and Li's 2 bits per parameter needs about 1,000 exposures of a table larger than the model can hold. The
+dense member (102,976 parameters) would hold about 15,000 facts at that rate, so saturating it takes
+about 15 million fact-exposures: 60,000 steps of this batch, about 2 CPU-hours here for the dense model
+alone, and a memory model with 4 times the parameters needs a table and a step count 4 times larger; the
+grid at saturation is hundreds of CPU-hours. Narrower models are no shortcut: at width 32 (26,784
+parameters) the dense model learns nothing for the first 750 steps and reaches exact match 0.06 on 2,048
+facts after 2,000; at width 16 (7,312) the value loss is still 2.08 nats (uniform: 2.30) after 3,000.
+The experiment therefore measures how much each model stores for a fixed number of exposures, the regime
+in which the papers train, and reports how far from a plateau each run ended.
 
 Per run: ``exact_match`` (teacher-forced greedy argmax right on every value token: the same answer as
 greedy generation), ``facts_memorised`` = exact match x facts, and Allen-Zhu and Li's loss-based
