@@ -91,7 +91,7 @@ BASE = {
 # config's own ([PKM]: 4x, UltraMem: 4x decaying to 1x, UltraMemV2: 1x).
 RECIPE = {"train.lr": 3e-3, "train.min_lr": 3e-4, "train.weight_decay": 0.1, "train.grad_clip": 1.0}
 
-FULL = dict(steps=1000, batch_size=32, evals=8, eval_iters=8, n_facts=1024)
+FULL = dict(steps=1000, batch_size=32, evals=8, eval_iters=8, n_facts=FACTS["n_facts"])
 QUICK = dict(steps=4, batch_size=4, evals=2, eval_iters=1, n_facts=256)
 TABLE = [
     ("exact_match", ".3f"),
