@@ -397,23 +397,36 @@ def test_sigterm_on_the_experiment_stops_its_workers(tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": repo}
     proc = subprocess.Popen(command + ["--out", str(tmp_path / "results")], cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 120
-    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # the pool's workers (+ its tracker)
-        time.sleep(0.2)
-    workers = children(proc.pid)
-    assert len(workers) >= 2, "the experiment never started its workers"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in _state(w)]
-    for w in alive:  # a failing run must not leave them training
-        os.kill(w, signal.SIGKILL)
-    assert not alive, f"workers {alive} outlived the experiment"
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline:  # the pool's two workers (not its tracker)
+            time.sleep(0.2)
+            workers = [c for c in children(proc.pid) if b"spawn_main" in _cmdline(c)]
+        assert len(workers) == 2, "the experiment never started its workers"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_state(w) != "Z" for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [w for w in workers if _state(w) != "Z"]
+        assert not alive, f"workers {alive} outlived the experiment"
+    finally:  # a failing run must not leave them training
+        proc.kill()
+        for w in workers:
+            if _state(w) != "Z":
+                os.kill(w, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, ...); "Z" for a zombie or a process that is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
