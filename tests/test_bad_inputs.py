@@ -164,13 +164,17 @@ BENCH = [  # bench arguments out of range, odd, too large or contradictory
     (["bench", "nope"], "unknown benchmark 'nope'"),
     (["bench", "all", "--quick"], "'all' takes no options"),
 ]
-EXPERIMENT = [  # --out a file or under one, torn or foreign results with --resume, bad names and counts
+EXPERIMENT = [  # --out a file or under one, torn or foreign results with --resume, results kept, bad names and counts
     (["experiment", "density", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file, not a folder"),
     (["experiment", "density", "--out", "{tmp}/afile/sub"], "is under {tmp}/afile, which is a file"),
     (["experiment", "density", "--resume", "--out", "{tmp}/torn"], "density.json is not valid JSON"),
     (["experiment", "all", "--resume", "--out", "{tmp}/torn"], "torn/density.json is not valid JSON"),
     (["experiment", "density", "--resume", "--out", "{tmp}/foreign"], "is not an experiment results file"),
     (["experiment", "report", "--out", "{tmp}/torn"], "density.json is not valid JSON"),
+    (["experiment", "density", "--out", "{tmp}/torn"], "torn/density.json already holds results: pass --resume"),
+    (["experiment", "all", "--out", "{tmp}/torn"], "torn/density.json already holds results"),
+    (["experiment", "density", "--resume", "--overwrite", "--out", "{tmp}/torn"], "--overwrite replaces them: pass"),
+    (["experiment", "report", "--overwrite"], "report only reads the results in --out; leave out --overwrite"),
     (["experiment", "report", "--quick"], "report only reads the results in --out; leave out --quick"),
     (["experiment", "nope"], "unknown experiment 'nope'"),
     (["experiment"], "give an experiment NAME"),

@@ -317,6 +317,23 @@ def test_resume_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, mon
     assert _non_timing(resumed)[1:] == _non_timing(first)[1:]
 
 
+def test_results_already_in_out_are_kept_unless_overwrite_and_replaced_with_it(tmp_path):
+    path = tmp_path / "memory_access.json"
+    path.write_text('{"runs": []}\n')  # a stand-in for a finished experiment's results
+    with pytest.raises(ValueError, match=r"memory_access\.json already holds results: pass --resume .* --overwrite"):
+        run_experiment("memory_access", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False)
+    with pytest.raises(ValueError, match="pass only one"):
+        run_experiment(
+            "memory_access", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False,
+            resume=True, overwrite=True,
+        )  # fmt: skip
+    assert path.read_text() == '{"runs": []}\n' and [p.name for p in tmp_path.iterdir()] == [path.name]
+    new = run_experiment(
+        "memory_access", quick=True, seeds=[0], out_dir=tmp_path, progress=False, verbose=False, overwrite=True
+    )
+    assert json.loads(path.read_text())["runs"] == new["runs"] and len(new["runs"]) == 4
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -6,6 +6,8 @@ claim the experiments test, its toy-scale outcome and a verdict (:mod:`minimem_t
 Each experiment (see ``--list``) trains and measures a set of variants over K seeds and
 writes ``NAME.json`` (every run's config, seed, metrics and wall time, the git commit, and
 mean / std / n per variant), ``NAME.md`` (the table) and its plots (PNG and SVG) to DIR.
+A DIR that already holds ``NAME.json`` is refused unless ``--resume`` (keep its finished runs)
+or ``--overwrite`` (replace it) says what to do with it.
 Full runs default to ``results/`` (committed), ``--quick`` runs (1 seed, few steps: a
 pipeline check, not evidence) to ``runs/experiments-quick/``.
 """
@@ -19,7 +21,14 @@ from pathlib import Path
 
 from minimem.guards import check_output_folder
 from minimem_tools.cli import ArgumentParser, usage_error
-from minimem_tools.experiments.runner import EXPERIMENTS, load_experiment, read_results, run_experiment, seeds_for
+from minimem_tools.experiments.runner import (
+    EXPERIMENTS,
+    check_results_free,
+    load_experiment,
+    read_results,
+    run_experiment,
+    seeds_for,
+)
 
 PROG = "minimem experiment"
 
@@ -44,6 +53,11 @@ def build_parser() -> ArgumentParser:
         "--resume",
         action="store_true",
         help="keep the finished runs of an interrupted NAME.json in DIR (same name, seed and config)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DIR/NAME.json and its table and plots (kept until the first new run finishes)",
     )
     p.add_argument("--list", action="store_true", help="list the experiments and the claims they test")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -75,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("--seeds", args.seeds is not None),
                     ("--jobs", args.jobs != 1),
                     ("--resume", args.resume),
+                    ("--overwrite", args.overwrite),
                 )
                 if given
             ]
@@ -86,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             seeds = seeds_for(args.seeds if args.seeds is not None else (1 if args.quick else 3))
             if not 1 <= args.jobs <= (os.cpu_count() or 1):
                 raise ValueError(f"--jobs must be >= 1 and at most the {os.cpu_count()} CPUs, got {args.jobs}")
+        if args.name != "report":  # results already in --out are kept unless --resume or --overwrite says otherwise
+            for name in names:
+                check_results_free(out, name, args.resume, args.overwrite)
         if args.resume or args.name == "report":  # the results files they read must be whole
             for name in names:
                 path = Path(out) / f"{name}.json"
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             workers=args.jobs,
             resume=args.resume,
+            overwrite=args.overwrite,
         )
     if len(names) > 1:
         print(f"\nall experiments finished in {time.perf_counter() - started:.0f} s")

@@ -382,6 +382,7 @@ def run_experiment(
     verbose: bool = True,
     workers: int = 1,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run experiment ``name`` for every variant and seed; write JSON, markdown and plots.
 
@@ -390,8 +391,11 @@ def run_experiment(
     processes (one CPU thread each): the same numbers, except the clock-based ones.
     ``resume`` keeps the runs of an earlier, interrupted ``NAME.json`` in ``out_dir`` whose
     name, seed and full config equal a job's, and runs only the others (a torn ``NAME.json``
-    is a ValueError that names it, and stays as it is).
+    is a ValueError that names it, and stays as it is). An existing ``NAME.json`` is never
+    replaced unless ``overwrite`` (:func:`check_results_free`); it stays whole until the first
+    new run has finished.
     """
+    check_results_free(out_dir, name, resume, overwrite)
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers (--jobs) must be a positive integer, got {workers!r}")
     module = load_experiment(name)
@@ -495,6 +499,18 @@ def read_results(path: Path) -> dict:
             f"{path} is not an experiment results file (no list of runs with name, seed and config); {fix}"
         )
     return result
+
+
+def check_results_free(out_dir: str | Path, name: str, resume: bool, overwrite: bool) -> None:
+    """ValueError unless ``out_dir/NAME.json`` is absent, or ``resume`` or ``overwrite`` (not both) says what to do."""
+    if resume and overwrite:
+        raise ValueError("--resume keeps the finished runs and --overwrite replaces them: pass only one")
+    path = Path(out_dir) / f"{name}.json"
+    if path.exists() and not (resume or overwrite):
+        raise ValueError(
+            f"{path} already holds results: pass --resume to continue them, --overwrite to replace them, "
+            "or another --out"
+        )
 
 
 def _write_json(path: Path, result: dict) -> None:
