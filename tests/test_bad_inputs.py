@@ -154,6 +154,7 @@ BENCH = [  # bench arguments out of range, odd, too large or contradictory
     (["bench", "train", "--out", "{tmp}/run"], "--out is the run folder of --reference"),
     (["bench", "train", "--reference", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file"),
     (["bench", "step", "--steps", "0"], "--steps must be >= 1"),
+    (["bench", "step", "--repeats", "1"], "--repeats must be >= 2 (the verdict reads the spread of the rounds)"),
     (["bench", "step", "--threads", "0"], "--threads must all be in [1, 1024]"),
     (["bench", "step", "--against", "dense"], "--against needs --profile"),
     (["bench", "step", "--configs", "gpt"], "argument --configs: invalid choice: 'gpt'"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,47 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     assert a["train_loss"] < single[0]["train_loss"] - 0.1  # it trained
     assert latest_checkpoint(tmp_path / "ddp").name == "ckpt-0000006"
+
+
+# ----------------------------------------------------------------------------- minimem bench step's verdict
+
+
+@pytest.mark.parametrize(
+    "ratios, verdict",
+    [
+        ([1.10, 1.15, 1.20, 1.22], "PASS"),  # upper quartile 1.205
+        ([1.25, 1.25], "PASS"),  # on the target counts as within it
+        ([1.30, 1.35, 1.40, 1.60], "FAIL"),  # lower quartile 1.3375
+        ([1.20, 1.24, 1.27, 1.30], "UNDECIDED"),  # quartiles 1.23-1.2775 straddle 1.25
+        ([1.27, 1.20, 1.30, 1.24], "UNDECIDED"),  # the order of the rounds does not matter
+    ],
+)
+def test_bench_step_verdict_reads_the_quartiles_of_the_paired_ratios(ratios, verdict):
+    from minimem_tools.bench.step import step_verdict
+
+    got, median, q1, q3 = step_verdict(ratios, 1.25)
+    assert got == verdict
+    assert median == pytest.approx(statistics.median(ratios))
+    assert q1 <= median <= q3
+
+
+def test_bench_step_verdict_needs_two_rounds():
+    from minimem_tools.bench.step import step_verdict
+
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        step_verdict([1.1])
+
+
+def test_bench_step_table_judges_the_paired_ratios_on_the_thread_count_s_clock(capsys):
+    from minimem_tools.bench.step import print_table
+
+    # a slow stretch of the machine doubles both models' times in rounds 2-3; paired, each round says
+    # 1.2x on the CPU clock (one thread) and 2.4x on the wall clock (two threads)
+    dense = [100.0, 200.0, 200.0, 100.0]
+    um2 = [120.0, 240.0, 240.0, 120.0]
+    rounds = {"dense": (dense, dense), "ultramemv2": ([u * 2 for u in um2], um2)}  # (wall, cpu)
+    assert print_table(rounds, threads=1, counts={"dense": (1, 1), "ultramemv2": (1, 2)})
+    out = capsys.readouterr().out
+    assert "PASS: UltraMemV2 step = 1.20x dense (median of 4 rounds' paired ratios, quartiles 1.20-1.20; cpu" in out
+    assert not print_table(rounds, threads=2, counts={"dense": (1, 1), "ultramemv2": (1, 2)})  # wall: 2.4x
+    assert "FAIL: UltraMemV2 step = 2.40x dense" in capsys.readouterr().out
