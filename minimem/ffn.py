@@ -63,24 +63,24 @@ class MoE(nn.Module):
         weights, experts = probs.topk(cfg.top_k, dim=-1)  # (T, k)
         self.last_indices = experts.detach()
         # load balance: f_e (fraction of assignments) * P_e (mean probability), times E
-        counts = torch.bincount(experts.flatten(), minlength=cfg.n_experts).to(probs.dtype)
-        f = counts / experts.numel()
+        counts = torch.bincount(experts.flatten(), minlength=cfg.n_experts)
+        f = counts.to(probs.dtype) / experts.numel()
         self.aux_loss = cfg.aux_loss_weight * cfg.n_experts * (f * probs.mean(0)).sum()
-        # dispatch: sort (token, slot) pairs by expert, run each expert on its tokens
-        flat_experts = experts.flatten()
-        order = flat_experts.argsort(stable=True)
-        token_of = order // cfg.top_k
-        w_sorted = weights.flatten()[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts.long().tolist()):
-            if n == 0:
-                continue
-            tok = token_of[start : start + n]
-            a, b = (x[tok] @ self.w13[e]).split(cfg.d_expert, dim=-1)
-            y = (F.silu(a) * b) @ self.w2[e]
-            out.index_add_(0, tok, y * w_sorted[start : start + n, None])
-            start += n
+        # dispatch: (token, slot) pairs sorted by expert into an (E, capacity) grid, row e expert e's pairs padded
+        # to the busiest expert's count (memory E x capacity x dim, about T k x dim while the load-balance loss
+        # keeps the routing even); all experts then run as one batched matmul, not a Python loop over experts
+        E, n_pairs, flat_experts = cfg.n_experts, experts.numel(), experts.flatten()
+        order = flat_experts.argsort(stable=True)  # (T k,) pairs, expert by expert
+        expert_of, token_of = flat_experts[order], order // cfg.top_k
+        capacity = int(counts.max())
+        slot = torch.arange(n_pairs, device=x.device) - (counts.cumsum(0) - counts)[expert_of]  # rank in its expert
+        cell = expert_of * capacity + slot  # (T k,) place in the flattened (E, capacity) grid
+        grid_token = torch.zeros(E * capacity, dtype=torch.long, device=x.device).index_copy_(0, cell, token_of)
+        grid_weight = weights.new_zeros(E * capacity).scatter(0, cell, weights.flatten()[order]).to(x.dtype)
+        xs = x.index_select(0, grid_token).view(E, capacity, self.dim)  # padding cells read token 0 ...
+        a, b = torch.bmm(xs, self.w13).split(cfg.d_expert, dim=-1)  # (E, capacity, d)
+        y = torch.bmm(F.silu(a) * b, self.w2).view(E * capacity, self.dim)
+        out = torch.zeros_like(x).index_add(0, grid_token, y * grid_weight[:, None])  # ... with weight 0
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
