@@ -66,20 +66,20 @@ class MoE(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=cfg.n_experts)
         f = counts.to(probs.dtype) / experts.numel()
         self.aux_loss = cfg.aux_loss_weight * cfg.n_experts * (f * probs.mean(0)).sum()
-        # dispatch: (token, slot) pairs sorted by expert into an (E, capacity) grid, row e expert e's pairs padded
-        # to the busiest expert's count (memory E x capacity x dim, about T k x dim while the load-balance loss
-        # keeps the routing even); all experts then run as one batched matmul, not a Python loop over experts
-        E, n_pairs, flat_experts = cfg.n_experts, experts.numel(), experts.flatten()
-        order = flat_experts.argsort(stable=True)  # (T k,) pairs, expert by expert
-        expert_of, token_of = flat_experts[order], order // cfg.top_k
-        capacity = int(counts.max())
-        slot = torch.arange(n_pairs, device=x.device) - (counts.cumsum(0) - counts)[expert_of]  # rank in its expert
-        cell = expert_of * capacity + slot  # (T k,) place in the flattened (E, capacity) grid
-        grid_token = torch.zeros(E * capacity, dtype=torch.long, device=x.device).index_copy_(0, cell, token_of)
-        grid_weight = weights.new_zeros(E * capacity).scatter(0, cell, weights.flatten()[order]).to(x.dtype)
-        xs = x.index_select(0, grid_token).view(E, capacity, self.dim)  # padding cells read token 0 ...
-        a, b = torch.bmm(xs, self.w13).split(cfg.d_expert, dim=-1)  # (E, capacity, d)
-        y = torch.bmm(F.silu(a) * b, self.w2).view(E * capacity, self.dim)
+        # dispatch: the (token, slot) pairs sorted by expert into a (G used experts, capacity) grid padded to the
+        # busiest expert (memory ~ T k x dim while routing is even): one batched matmul, not a loop over experts
+        order = experts.flatten().argsort(stable=True)  # (T k,) pairs, expert by expert
+        expert_of, token_of = experts.flatten()[order], order // cfg.top_k
+        used = counts.nonzero().squeeze(1)  # (G,) the experts with pairs: the others are not run (decoding: k)
+        G, capacity = used.numel(), int(counts.max())
+        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert_of]  # rank in expert
+        cell = ((counts > 0).cumsum(0) - 1)[expert_of] * capacity + slot  # (T k,) place in the (G, capacity) grid
+        grid_token = torch.zeros(G * capacity, dtype=torch.long, device=x.device).index_copy_(0, cell, token_of)
+        grid_weight = weights.new_zeros(G * capacity).scatter(0, cell, weights.flatten()[order]).to(x.dtype)
+        w13, w2 = (self.w13, self.w2) if G == cfg.n_experts else (self.w13[used], self.w2[used])
+        xs = x.index_select(0, grid_token).view(G, capacity, self.dim)  # padding cells read token 0 ...
+        a, b = torch.bmm(xs, w13).split(cfg.d_expert, dim=-1)  # (G, capacity, d)
+        y = torch.bmm(F.silu(a) * b, w2).view(G * capacity, self.dim)
         out = torch.zeros_like(x).index_add(0, grid_token, y * grid_weight[:, None])  # ... with weight 0
         if self.shared is not None:
             out = out + self.shared(x)

@@ -234,7 +234,7 @@ def _moe_padding_flops(model):
     total = 0
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         counts = torch.bincount(moe.last_indices.flatten(), minlength=moe.config.n_experts)
-        padding = moe.config.n_experts * int(counts.max()) - moe.last_indices.numel()
+        padding = int((counts > 0).sum()) * int(counts.max()) - moe.last_indices.numel()  # used experts only
         total += padding * 2 * 3 * moe.dim * moe.config.d_expert  # x W13 (dim x 2d) and h W2 (d x dim)
     return total
 
