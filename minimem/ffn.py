@@ -63,24 +63,24 @@ class MoE(nn.Module):
         weights, experts = probs.topk(cfg.top_k, dim=-1)  # (T, k)
         self.last_indices = experts.detach()
         # load balance: f_e (fraction of assignments) * P_e (mean probability), times E
-        counts = torch.bincount(experts.flatten(), minlength=cfg.n_experts)
-        f = counts.to(probs.dtype) / experts.numel()
+        counts = torch.bincount(experts.flatten(), minlength=cfg.n_experts).to(probs.dtype)
+        f = counts / experts.numel()
         self.aux_loss = cfg.aux_loss_weight * cfg.n_experts * (f * probs.mean(0)).sum()
-        # dispatch: the (token, slot) pairs sorted by expert into a (G used experts, capacity) grid padded to the
-        # busiest expert (memory ~ T k x dim while routing is even): one batched matmul, not a loop over experts
-        order = experts.flatten().argsort(stable=True)  # (T k,) pairs, expert by expert
-        expert_of, token_of = experts.flatten()[order], order // cfg.top_k
-        used = counts.nonzero().squeeze(1)  # (G,) the experts with pairs: the others are not run (decoding: k)
-        G, capacity = used.numel(), int(counts.max())
-        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert_of]  # rank in expert
-        cell = ((counts > 0).cumsum(0) - 1)[expert_of] * capacity + slot  # (T k,) place in the (G, capacity) grid
-        grid_token = torch.zeros(G * capacity, dtype=torch.long, device=x.device).index_copy_(0, cell, token_of)
-        grid_weight = weights.new_zeros(G * capacity).scatter(0, cell, weights.flatten()[order]).to(x.dtype)
-        w13, w2 = (self.w13, self.w2) if G == cfg.n_experts else (self.w13[used], self.w2[used])
-        xs = x.index_select(0, grid_token).view(G, capacity, self.dim)  # padding cells read token 0 ...
-        a, b = torch.bmm(xs, w13).split(cfg.d_expert, dim=-1)  # (G, capacity, d)
-        y = torch.bmm(F.silu(a) * b, w2).view(G * capacity, self.dim)
-        out = torch.zeros_like(x).index_add(0, grid_token, y * grid_weight[:, None])  # ... with weight 0
+        # dispatch: sort (token, slot) pairs by expert, run each expert on its tokens
+        flat_experts = experts.flatten()
+        order = flat_experts.argsort(stable=True)
+        token_of = order // cfg.top_k
+        w_sorted = weights.flatten()[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.long().tolist()):
+            if n == 0:
+                continue
+            tok = token_of[start : start + n]
+            a, b = (x[tok] @ self.w13[e]).split(cfg.d_expert, dim=-1)
+            y = (F.silu(a) * b) @ self.w2[e]
+            out.index_add_(0, tok, y * w_sorted[start : start + n, None])
+            start += n
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
