@@ -395,9 +395,9 @@ def run_experiment(
     replaced unless ``overwrite`` (:func:`check_results_free`); it stays whole until the first
     new run has finished.
     """
-    check_results_free(out_dir, name, resume, overwrite)
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers (--jobs) must be a positive integer, got {workers!r}")
+    check_results_free(out_dir, name, resume, overwrite)
     module = load_experiment(name)
     seeds = list(seeds) if seeds is not None else seeds_for(1 if quick else 3)
     out_dir = Path(out_dir)
