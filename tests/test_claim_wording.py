@@ -191,3 +191,43 @@ def test_with_seeds_changes_only_the_counts():
         {"mean": None, "std": None, "n": 0},  # never measured stays unmeasured
     ]
     assert what_if["runs"] == result["runs"] and result["summary"][0]["val_loss"]["n"] == 3  # no change in place
+
+
+# ----------------------------------------------------------------------------- 5 seeds within 2 spreads
+
+
+def test_within_two_spreads_by_hand():
+    """Per-seed spread sqrt(0.01^2 + 0.01^2) = 0.01414, so 2 spreads = 0.0283; at 3 seeds the bar is
+    2 SE = 0.0163. d = 0.02 is decided (0.02 > 0.0163) but within 2 spreads; d = 0.03 is clear of both."""
+    from minimem_tools.experiments.claims import at_spread_bar, within_two_spreads
+
+    close = two_arms((1.00, 0.01, 3), (1.02, 0.01, 3))
+    assert beats_claim().judge(close)[1] == REPRODUCED
+    assert beats_claim().judge(at_spread_bar(close))[1] == INCONCLUSIVE
+    assert within_two_spreads(beats_claim(), close)
+    clear = two_arms((1.00, 0.01, 3), (1.03, 0.01, 3))
+    assert not within_two_spreads(beats_claim(), clear)
+    assert not within_two_spreads(beats_claim(), two_arms((1.03, 0.01, 3), (1.00, 0.01, 3)))  # clearly worse
+    # every inconclusive verdict is within 2 spreads
+    assert within_two_spreads(beats_claim(), two_arms((1.00, 0.01, 3), (1.01, 0.01, 3)))
+    # 'matches': a deficit of 0.02 is 'not reproduced' at 3 seeds, not at 2 spreads: within; 0.03 is not
+    matches_claim = Claim("[X]", "A matches B", "ablations", "matches", pair("a", "b", "val_loss", "A", "B", rule="matches"))
+    assert matches_claim.judge(two_arms((1.02, 0.01, 3), (1.00, 0.01, 3)))[1] == NOT_REPRODUCED
+    assert within_two_spreads(matches_claim, two_arms((1.02, 0.01, 3), (1.00, 0.01, 3)))
+    assert not within_two_spreads(matches_claim, two_arms((1.03, 0.01, 3), (1.00, 0.01, 3)))
+    assert not within_two_spreads(matches_claim, two_arms((1.00, 0.01, 3), (1.02, 0.01, 3)))  # A better
+
+
+def test_at_spread_bar_scales_only_the_stds():
+    from minimem_tools.experiments.claims import at_spread_bar
+
+    result = two_arms((1.00, 0.01, 4), (1.10, 0.02, 4))
+    result["summary"].append({"name": "c", "val_loss": {"mean": None, "std": None, "n": 0}})
+    result["runs"] = [{"name": "a", "metrics": {"n": 3}}]
+    wide = at_spread_bar(result)
+    assert [e["val_loss"] for e in wide["summary"]] == [
+        {"mean": 1.00, "std": 0.02, "n": 4},
+        {"mean": 1.10, "std": 0.04, "n": 4},
+        {"mean": None, "std": None, "n": 0},
+    ]
+    assert wide["runs"] == result["runs"] and result["summary"][0]["val_loss"]["std"] == 0.01

@@ -163,3 +163,22 @@ def test_report_counts_the_inconclusive_claims_and_the_seeds_to_decide_them(tmp_
     assert f"**2 of {n_claims} claims are inconclusive.**" in text
     assert "- #14 No activation on <P_i, W_p x> beats an activation: more than 100" in text
     assert "- #17 One head with doubled D_k and m beats two heads: 4" in text
+
+
+def test_report_lists_the_experiments_that_need_five_seeds(tmp_path):
+    """ablations with 3 seeds and a claim within 2 spreads is listed as short of 5; with 5 seeds it is not."""
+    arms = {
+        "baseline": [2.00, 2.01, 2.02],
+        "few_layers": [2.02, 2.03, 2.04],  # d = 0.02: decided at 3 seeds (bar 0.0163), within 2 spreads (0.028)
+        "plain_values": [2.30, 2.31, 2.32],  # far apart: not within 2 spreads
+    }
+    (tmp_path / "ablations.json").write_text(json.dumps(fake_runs(arms)))
+    text = claims.report(tmp_path)
+    assert "| `ablations` | #11 | 3 | **3 seeds: 5 not run yet** |" in text
+    assert "Still short of 5 seeds: `ablations`." in text
+    result = fake_runs({k: v + [v[0], v[2]] for k, v in arms.items()})  # 5 seeds, same means and spreads
+    result["seeds"] = [0, 1, 2, 3, 4]
+    (tmp_path / "ablations.json").write_text(json.dumps(result))
+    text = claims.report(tmp_path)
+    assert "| `ablations` | #11 | 5 | 5 seeds run |" in text
+    assert "Every experiment with a claim within 2 spreads ran 5 seeds." in text
