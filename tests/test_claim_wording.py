@@ -211,7 +211,9 @@ def test_within_two_spreads_by_hand():
     # every inconclusive verdict is within 2 spreads
     assert within_two_spreads(beats_claim(), two_arms((1.00, 0.01, 3), (1.01, 0.01, 3)))
     # 'matches': a deficit of 0.02 is 'not reproduced' at 3 seeds, not at 2 spreads: within; 0.03 is not
-    matches_claim = Claim("[X]", "A matches B", "ablations", "matches", pair("a", "b", "val_loss", "A", "B", rule="matches"))
+    matches_claim = Claim(
+        "[X]", "A matches B", "ablations", "matches", pair("a", "b", "val_loss", "A", "B", rule="matches")
+    )
     assert matches_claim.judge(two_arms((1.02, 0.01, 3), (1.00, 0.01, 3)))[1] == NOT_REPRODUCED
     assert within_two_spreads(matches_claim, two_arms((1.02, 0.01, 3), (1.00, 0.01, 3)))
     assert not within_two_spreads(matches_claim, two_arms((1.03, 0.01, 3), (1.00, 0.01, 3)))

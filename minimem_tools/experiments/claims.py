@@ -241,23 +241,28 @@ def tally(verdicts: list[str]) -> str:
 # ----------------------------------------------------------------------------- seeds that would decide
 
 
-def with_seeds(result: dict, n: int) -> dict:
-    """``result`` as if every measured arm had ``n`` seeds, its mean and std kept as measured.
-
-    Every ``{"mean", "std", "n"}`` outside the raw runs gets ``n`` (an unmeasured one keeps 0); the
-    runs are left as they are, so a judge that reads them itself (memory access) sees what was measured.
-    """
+def map_stats(result: dict, change: Callable[[dict], dict]) -> dict:
+    """``result`` with ``change`` applied to every ``{"mean", "std", "n"}`` outside the raw runs (a copy)."""
 
     def walk(x):
         if isinstance(x, dict):
             if set(x) == {"mean", "std", "n"}:
-                return {**x, "n": n if x["n"] else 0}
+                return change(x)
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v) for v in x]
         return x
 
     return {key: value if key == "runs" else walk(value) for key, value in result.items()}
+
+
+def with_seeds(result: dict, n: int) -> dict:
+    """``result`` as if every measured arm had ``n`` seeds, its mean and std kept as measured.
+
+    Every ``{"mean", "std", "n"}`` outside the raw runs gets ``n`` (an unmeasured one keeps 0); the
+    runs are left as they are, so a judge that reads them itself (memory access) sees what was measured.
+    """
+    return map_stats(result, lambda x: {**x, "n": n if x["n"] else 0})
 
 
 SEEDS_SEARCHED = 100  # seeds_needed looks no further
@@ -294,17 +299,10 @@ def at_spread_bar(result: dict) -> dict:
     instead of 2 standard errors. The runs are left as they are (like :func:`with_seeds`).
     """
 
-    def walk(x):
-        if isinstance(x, dict):
-            if set(x) == {"mean", "std", "n"}:
-                std = x["std"]
-                return {**x, "std": std * math.sqrt(x["n"]) if x["n"] and std is not None else std}
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
+    def widen(x: dict) -> dict:
+        return {**x, "std": x["std"] * math.sqrt(x["n"]) if x["n"] and x["std"] is not None else x["std"]}
 
-    return {key: value if key == "runs" else walk(value) for key, value in result.items()}
+    return map_stats(result, widen)
 
 
 def within_two_spreads(claim: Claim, result: dict) -> bool:
@@ -1058,7 +1056,8 @@ def report(results_dir: Path | str | None = None) -> str:
         lines += [
             f"Measured by `head2head` ({step['what']}; load average {step['load_average']:.1f}): "
             f"**{r:.2f}x** wall, {c:.2f}x thread CPU: the target is "
-            f"{'met' if r <= TARGET_RATIO else 'missed'} (medians; `minimem bench step` below judges the paired rounds). Where the time goes, per module and per operator: "
+            f"{'met' if r <= TARGET_RATIO else 'missed'} (medians; `minimem bench step` below judges the paired "
+            "rounds). Where the time goes, per module and per operator: "
             "[head2head_profile.txt](head2head_profile.txt); `minimem bench step` re-measures it.",
             "",
         ]

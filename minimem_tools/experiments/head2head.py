@@ -276,8 +276,8 @@ def notes(result: dict) -> list[str]:
         lines.append(
             f"UltraMemV2 / dense CPU training step time at equal activated parameters: {ratio:.2f}x wall, "
             f"{cpu_ratio:.2f}x thread CPU ({st['wall_ms']['ultramemv2']:.1f} ms vs {st['wall_ms']['dense']:.1f} ms; "
-            f"{verdict} the {bench_step.TARGET_RATIO}x target; load average {st['load_average']:.1f}). All configs (wall): "
-            + ", ".join(f"{m} {r:.2f}x" for m, r in st["wall_ratio_to_dense"].items())
+            f"{verdict} the {bench_step.TARGET_RATIO}x target; load average {st['load_average']:.1f}). "
+            "All configs (wall): " + ", ".join(f"{m} {r:.2f}x" for m, r in st["wall_ratio_to_dense"].items())
         )
     for parity in PARITIES:
         losses = {m: stat(result, name_of(m, parity, "shakespeare"), "val_loss") for m in MODELS}
