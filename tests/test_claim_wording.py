@@ -218,6 +218,10 @@ def test_within_two_spreads_by_hand():
     assert within_two_spreads(matches_claim, two_arms((1.02, 0.01, 3), (1.00, 0.01, 3)))
     assert not within_two_spreads(matches_claim, two_arms((1.03, 0.01, 3), (1.00, 0.01, 3)))
     assert not within_two_spreads(matches_claim, two_arms((1.00, 0.01, 3), (1.02, 0.01, 3)))  # A better
+    # the report passes the verdict it has: the same answer as judging again
+    for result in (close, clear, two_arms((1.00, 0.01, 3), (1.01, 0.01, 3))):
+        verdict = beats_claim().judge(result)[1]
+        assert within_two_spreads(beats_claim(), result, verdict) == within_two_spreads(beats_claim(), result)
 
 
 def test_at_spread_bar_scales_only_the_stds():

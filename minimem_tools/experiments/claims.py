@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from minimem_tools import course
+from minimem_tools.bench.step import TARGET_RATIO
 from minimem_tools.experiments.runner import mean_std, summarise
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = "reproduced", "not reproduced", "inconclusive", "not run"
@@ -305,16 +306,17 @@ def at_spread_bar(result: dict) -> dict:
     return map_stats(result, widen)
 
 
-def within_two_spreads(claim: Claim, result: dict) -> bool:
+def within_two_spreads(claim: Claim, result: dict, measured: Optional[str] = None) -> bool:
     """Does ``claim``'s verdict lie within 2 spreads: would it change with the bar at 2 per-seed spreads?
 
     Its own judge is re-run on :func:`at_spread_bar`: a verdict that the difference does not clear by 2
     per-seed spreads there (inconclusive, or decided the other way) is one that a few seeds more or
     less could move, and the experiments issue asks for :data:`FIVE_SEEDS` seeds for it. For a
     ``better`` comparison that is |d| < 2 sqrt(s_A^2 + s_B^2); every inconclusive claim is within 2
-    spreads. A judge that reads the raw runs (memory access) sees no change.
+    spreads. A judge that reads the raw runs (memory access) sees no change. ``measured``: the verdict
+    at the usual bar when the caller has it already (else the judge is run for it).
     """
-    measured = claim.judge(result)[1]
+    measured = measured or claim.judge(result)[1]
     wide = claim.judge(at_spread_bar(result))[1]
     return wide == INCONCLUSIVE or wide != measured
 
@@ -999,7 +1001,7 @@ def report(results_dir: Path | str | None = None) -> str:
             counts[verdict] += 1
             if verdict == INCONCLUSIVE:
                 undecided.append((number, claim, seeds_needed(claim, result)))
-            if verdict != NOT_RUN and within_two_spreads(claim, result):
+            if verdict != NOT_RUN and within_two_spreads(claim, result, verdict):
                 close.setdefault(claim.experiment, []).append(number)
             lines.append(
                 f"| {number} | {claim.text} | {claim.source} | `{claim.experiment}` | {outcome} | "
@@ -1048,8 +1050,6 @@ def report(results_dir: Path | str | None = None) -> str:
     ]
     head2head = results.get("head2head")
     step = (head2head or {}).get("step_time")
-    from minimem_tools.bench.step import TARGET_RATIO
-
     lines += [f"## UltraMemV2 training step against dense, as head2head timed it (target: {TARGET_RATIO}x)", ""]
     if step:
         r, c = step["wall_ratio_to_dense"]["ultramemv2"], step["cpu_ratio_to_dense"]["ultramemv2"]
