@@ -90,6 +90,36 @@ def test_torch_backend_gradcheck_float64(cores, pre):
     assert torch.autograd.gradcheck(fn, tensors)
 
 
+def test_torch_backend_mixed_dtypes_return_each_inputs_dtype():
+    """bfloat16 tables with float32 scores and pre-input: computed in float32, each gradient in its input's dtype."""
+    inputs = list(make_inputs(N=7, T=5, m=4, d_value=6, d_pre=3, cores=2, pre=True, dtype=torch.float32, seed=3))
+    for k in (0, 3):  # values, pre_values -> bfloat16 leaves
+        inputs[k] = inputs[k].detach().to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    got = grads(lambda *a: memory_lookup(*a, backend="torch"), *inputs, grad_out=grad_out)
+    assert [g.dtype for g in got] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
+    wide = [x if x is None or not x.is_floating_point() else x.detach().double().requires_grad_() for x in inputs]
+    want = grads(loop_lookup, *wide, grad_out=grad_out.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("frozen", ["values", "scores", "pre_values", "pre_input"])
+def test_torch_backend_gradients_only_for_inputs_that_need_them(frozen):
+    names = ["values", "indices", "scores", "pre_values", "pre_input"]
+    inputs = list(make_inputs(N=6, T=4, m=3, d_value=4, d_pre=2, cores=2, pre=True, dtype=torch.float64))
+    want = grads(loop_lookup, *inputs)[1:]
+    inputs[names.index(frozen)] = inputs[names.index(frozen)].detach()
+    out = memory_lookup(*inputs, backend="torch")
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+    for name, expected in zip(["values", "scores", "pre_values", "pre_input"], want):
+        got = inputs[names.index(name)].grad
+        if name == frozen:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_repeated_indices_accumulate():
     values = torch.tensor([[1.0, 2.0], [10.0, 20.0]])
     indices = torch.tensor([[1, 1, 0]])
