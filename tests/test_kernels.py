@@ -105,7 +105,9 @@ def test_torch_backend_mixed_dtypes_return_each_inputs_dtype():
 
 
 @pytest.mark.parametrize("frozen", ["values", "scores", "pre_values", "pre_input"])
-def test_torch_backend_gradients_only_for_inputs_that_need_them(frozen):
+def test_torch_backend_gradients_hold_with_any_input_frozen(frozen):
+    """Freezing one input leaves the others' gradients exact (a backend that skips work for inputs that
+    need no gradient must not skip what the others need)."""
     names = ["values", "indices", "scores", "pre_values", "pre_input"]
     inputs = list(make_inputs(N=6, T=4, m=3, d_value=4, d_pre=2, cores=2, pre=True, dtype=torch.float64))
     want = grads(loop_lookup, *inputs)[1:]
@@ -113,11 +115,8 @@ def test_torch_backend_gradients_only_for_inputs_that_need_them(frozen):
     out = memory_lookup(*inputs, backend="torch")
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
     for name, expected in zip(["values", "scores", "pre_values", "pre_input"], want):
-        got = inputs[names.index(name)].grad
-        if name == frozen:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        if name != frozen:  # a detached input's .grad stays None whatever the backend does: nothing to check
+            torch.testing.assert_close(inputs[names.index(name)].grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_repeated_indices_accumulate():
